@@ -1,0 +1,276 @@
+"""The envelope of one SMTP transaction: who connected, the sender and recipients,
+and the MAIL/RCPT parameters of RFC 1870, 1652, 6531 and 3461, parsed and validated.
+
+Everything here is a value; parsing functions raise :class:`EnvelopeError`
+carrying the reply the client should hear.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from enum import Enum
+
+import attrs
+
+from smtpguard import replies
+from smtpguard.replies import Reply
+
+
+class EnvelopeError(Exception):
+    """A MAIL or RCPT command that cannot be accepted; ``reply`` says why."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.text)
+        self.reply = reply
+
+
+class BodyType(Enum):
+    SEVEN_BIT = "7BIT"
+    EIGHT_BIT_MIME = "8BITMIME"
+
+
+class Return(Enum):
+    FULL = "FULL"
+    HEADERS = "HDRS"
+
+
+class Notify(Enum):
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    DELAY = "DELAY"
+
+
+@attrs.frozen
+class Client:
+    """Who is talking to us: the peer and our own endpoint, the HELO name, TLS."""
+
+    address: str
+    port: int
+    server_address: str = ""
+    server_port: int = 0
+    helo: str = ""
+    esmtp: bool = True
+    tls: bool = False
+    hostname: str = ""
+
+    @property
+    def protocol(self) -> str:
+        """The WITH keyword of RFC 3848 for Received: and XFORWARD."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTPS" if self.tls else "ESMTP"
+
+
+@attrs.frozen
+class MailParameters:
+    size: int | None = None
+    body: BodyType | None = None
+    smtputf8: bool = False
+    envid: str | None = None
+    ret: Return | None = None
+
+
+@attrs.frozen
+class RecipientParameters:
+    notify: frozenset[Notify] | None = None  # empty set: NOTIFY=NEVER
+    orcpt: str | None = None
+
+
+@attrs.frozen
+class Recipient:
+    address: str
+    parameters: RecipientParameters = RecipientParameters()
+
+
+@attrs.frozen
+class Envelope:
+    client: Client
+    sender: str
+    parameters: MailParameters = MailParameters()
+    recipients: tuple[Recipient, ...] = ()
+
+    def with_recipient(self, recipient: Recipient) -> Envelope:
+        return attrs.evolve(self, recipients=(*self.recipients, recipient))
+
+
+_MAIL = re.compile(r"^FROM:\s*<(.*?)>(?:\s+(.*))?$", re.I | re.S)
+_RCPT = re.compile(r"^TO:\s*<(.*?)>(?:\s+(.*))?$", re.I | re.S)
+_SOURCE_ROUTE = re.compile(r"^@[^:]+:")
+_ATOM_CHARS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+_LOCAL_PART = re.compile(
+    rf'^(?:{_ATOM_CHARS}+(?:\.{_ATOM_CHARS}+)*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*")$'
+)
+_DOMAIN = re.compile(
+    r"^(?:(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?)"
+    r"(?:\.[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?)*"
+    r"|\[[^\[\]\\]+\])$"
+)
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
+_ESMTP_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_MAX_PATH = 256
+
+
+def parse_address(path: str, error: Reply) -> str:
+    """Validate the inside of ``<...>``; return the address without source route."""
+    path = _SOURCE_ROUTE.sub("", path)
+    if len(path.encode("utf-8")) > _MAX_PATH or "@" not in path:
+        raise EnvelopeError(error)
+    local, _, domain = path.rpartition("@")
+    if not local or not _LOCAL_PART.match(local) or not _DOMAIN.match(domain):
+        raise EnvelopeError(error)
+    return path
+
+
+def parse_parameters(text: str | None) -> dict[str, str | None]:
+    """Split ``KEY[=VALUE] ...`` into an upper-cased mapping, refusing duplicates."""
+    parameters: dict[str, str | None] = {}
+    for item in (text or "").split():
+        key, has_value, value = item.partition("=")
+        key = key.upper()
+        if not _ESMTP_KEYWORD.match(key) or key in parameters or (has_value and not value):
+            raise EnvelopeError(replies.SYNTAX_ERROR)
+        parameters[key] = value if has_value else None
+    return parameters
+
+
+def decode_xtext(value: str) -> str:
+    """RFC 3461 xtext: ``+XX`` hex escapes."""
+    if not _XTEXT.match(value):
+        raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Malformed xtext"))
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def encode_xtext(value: str) -> str:
+    return "".join(
+        c if "\x21" <= c <= "\x7e" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+        for c in value
+    )
+
+
+def _is_ascii(text: str) -> bool:
+    return text.isascii()
+
+
+def parse_mail(argument: str, max_size: int) -> tuple[str, MailParameters]:
+    """Parse the argument of ``MAIL`` (everything after the verb)."""
+    match = _MAIL.match(argument.strip())
+    if match is None:
+        raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Syntax: MAIL FROM:<address>"))
+    path, rest = match.groups()
+    params = parse_parameters(rest)
+    smtputf8 = "SMTPUTF8" in params
+    if smtputf8 and params["SMTPUTF8"] is not None:
+        raise EnvelopeError(replies.SYNTAX_ERROR)
+    sender = "" if path == "" else parse_address(path, replies.BAD_SENDER_SYNTAX)
+    if not smtputf8 and not _is_ascii(sender):
+        raise EnvelopeError(replies.NON_ASCII_ADDRESS)
+    size: int | None = None
+    body: BodyType | None = None
+    envid: str | None = None
+    ret: Return | None = None
+    for key, value in params.items():
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad SIZE parameter"))
+            size = int(value)
+            if max_size and size > max_size:
+                raise EnvelopeError(replies.MESSAGE_TOO_BIG)
+        elif key == "BODY":
+            try:
+                body = BodyType((value or "").upper())
+            except ValueError:
+                raise EnvelopeError(replies.UNKNOWN_PARAMETER.with_text("Unsupported BODY type")) from None
+        elif key == "ENVID":
+            if value is None or len(value) > 100:
+                raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad ENVID parameter"))
+            envid = decode_xtext(value)
+        elif key == "RET":
+            try:
+                ret = Return((value or "").upper())
+            except ValueError:
+                raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad RET parameter")) from None
+        elif key != "SMTPUTF8":
+            raise EnvelopeError(replies.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}"))
+    return sender, MailParameters(size=size, body=body, smtputf8=smtputf8, envid=envid, ret=ret)
+
+
+def parse_rcpt(argument: str, smtputf8: bool) -> Recipient:
+    """Parse the argument of ``RCPT`` (everything after the verb)."""
+    match = _RCPT.match(argument.strip())
+    if match is None:
+        raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Syntax: RCPT TO:<address>"))
+    path, rest = match.groups()
+    if path.lower() == "postmaster":
+        address = path
+    else:
+        address = parse_address(path, replies.BAD_RECIPIENT_SYNTAX)
+    if not smtputf8 and not _is_ascii(address):
+        raise EnvelopeError(replies.NON_ASCII_ADDRESS)
+    notify: frozenset[Notify] | None = None
+    orcpt: str | None = None
+    for key, value in parse_parameters(rest).items():
+        if key == "NOTIFY":
+            notify = _parse_notify(value)
+        elif key == "ORCPT":
+            orcpt = _parse_orcpt(value)
+        else:
+            raise EnvelopeError(replies.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}"))
+    return Recipient(address, RecipientParameters(notify=notify, orcpt=orcpt))
+
+
+def _parse_notify(value: str | None) -> frozenset[Notify]:
+    words = (value or "").upper().split(",")
+    if words == ["NEVER"]:
+        return frozenset()
+    try:
+        parsed = [Notify(word) for word in words]
+    except ValueError:
+        raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad NOTIFY parameter")) from None
+    if len(set(parsed)) != len(parsed):
+        raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad NOTIFY parameter"))
+    return frozenset(parsed)
+
+
+def _parse_orcpt(value: str | None) -> str:
+    """Keep ORCPT as ``addr-type;xtext``, validated (RFC 3461 section 4.2)."""
+    addr_type, semicolon, address = (value or "").partition(";")
+    if not semicolon or not _ESMTP_KEYWORD.match(addr_type) or not address or len(value or "") > 500:
+        raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad ORCPT parameter"))
+    if addr_type.upper() == "UTF-8":
+        # RFC 6533 utf-8-addr-xtext: \x{HEX} escapes, checked loosely.
+        return f"{addr_type};{address}"
+    decode_xtext(address)
+    return f"{addr_type};{address}"
+
+
+def mail_arguments(
+    sender: str, parameters: MailParameters, extensions: Mapping[str, str], size: int | None = None
+) -> str:
+    """The MAIL argument to send to a next hop advertising ``extensions``."""
+    words = [f"FROM:<{sender}>"]
+    if "SIZE" in extensions and (size if size is not None else parameters.size) is not None:
+        words.append(f"SIZE={size if size is not None else parameters.size}")
+    if parameters.body is not None and "8BITMIME" in extensions:
+        words.append(f"BODY={parameters.body.value}")
+    if parameters.smtputf8 and "SMTPUTF8" in extensions:
+        words.append("SMTPUTF8")
+    if "DSN" in extensions:
+        if parameters.ret is not None:
+            words.append(f"RET={parameters.ret.value}")
+        if parameters.envid is not None:
+            words.append(f"ENVID={encode_xtext(parameters.envid)}")
+    return " ".join(words)
+
+
+def rcpt_arguments(recipient: Recipient, extensions: Mapping[str, str]) -> str:
+    """The RCPT argument to send to a next hop advertising ``extensions``."""
+    words = [f"TO:<{recipient.address}>"]
+    if "DSN" in extensions:
+        notify = recipient.parameters.notify
+        if notify is not None:
+            order = [n.value for n in Notify if n in notify]
+            words.append("NOTIFY=" + (",".join(order) if order else "NEVER"))
+        if recipient.parameters.orcpt is not None:
+            words.append(f"ORCPT={recipient.parameters.orcpt}")
+    return " ".join(words)

@@ -1,0 +1,86 @@
+"""What scanners find and what policies decide: values only."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import attrs
+
+from smtpguard.replies import Reply
+
+
+class Verdict(Enum):
+    CLEAN = "clean"
+    INFECTED = "infected"
+    ERROR = "error"
+
+
+class ErrorKind(Enum):
+    """Why a scan failed: the fallback classes of security appliances."""
+
+    ENGINE_NOT_READY = "engine-not-ready"
+    TIMEOUT = "timeout"
+    TOO_MANY_REQUESTS = "too-many-requests"
+    OUT_OF_RESOURCES = "out-of-resources"
+    CONTENT_SIZE = "content-size"
+    DECOMPRESS_LAYER = "decompress-layer"
+    CORRUPT_FILE = "corrupt-file"
+    PASSWORD_PROTECTED = "password-protected"
+    OTHER = "other"
+
+
+@attrs.frozen
+class Threat:
+    name: str
+    file: str = ""
+
+
+@attrs.frozen
+class ScanResult:
+    """The outcome of scanning one message.  ``scanner`` names who produced it."""
+
+    verdict: Verdict
+    scanner: str = ""
+    threats: tuple[Threat, ...] = ()
+    error: ErrorKind | None = None
+    detail: str = ""
+
+    @classmethod
+    def clean(cls, scanner: str = "") -> ScanResult:
+        return cls(Verdict.CLEAN, scanner)
+
+    @classmethod
+    def infected(cls, threats: tuple[Threat, ...], scanner: str = "") -> ScanResult:
+        if not threats:
+            raise ValueError("an infected result names at least one threat")
+        return cls(Verdict.INFECTED, scanner, threats=threats)
+
+    @classmethod
+    def failed(cls, kind: ErrorKind, detail: str = "", scanner: str = "") -> ScanResult:
+        return cls(Verdict.ERROR, scanner, error=kind, detail=detail)
+
+    def status(self) -> str:
+        """The value of the X-Virus-Status header for this result."""
+        if self.verdict is Verdict.CLEAN:
+            return "clean"
+        if self.verdict is Verdict.INFECTED:
+            return "infected (" + ", ".join(t.name for t in self.threats) + ")"
+        assert self.error is not None
+        return f"unchecked ({self.error.value})"
+
+
+class Action(Enum):
+    DELIVER = "deliver"
+    REJECT = "reject"
+    DEFER = "defer"
+    DISCARD = "discard"
+
+
+@attrs.frozen
+class Decision:
+    """What to do with a message.  ``reply`` is what the client hears when the message
+    is not relayed (for DELIVER, the client hears the next hop's reply)."""
+
+    action: Action
+    reply: Reply | None = None
+    reason: str = ""

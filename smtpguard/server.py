@@ -1,0 +1,419 @@
+"""The ESMTP server side: one protocol instance per client connection, and the
+factory an application listens with.
+
+Replies go out strictly in command order: while a command waits for the next hop
+or the scanner, input is buffered (and the transport paused when the buffer
+grows), so any pipelined group -- ``.\\r\\nQUIT`` included -- is answered in order.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from smtpguard import replies
+from smtpguard.envelope import Client, Envelope, EnvelopeError, parse_mail, parse_rcpt
+from smtpguard.interfaces import INextHop, IRelaySession
+from smtpguard.replies import Reply
+from smtpguard.spool import Message, Spool, SpoolFull
+from smtpguard.wire import DataReader
+
+log = Logger()
+
+# While a command is pending, stop reading from a client that has sent this much.
+_PAUSE_BUFFER = 256 * 1024
+
+
+@attrs.frozen
+class ServerSettings:
+    hostname: str = "localhost"
+    max_message_size: int = 52_428_800
+    max_recipients: int = 1000
+    max_connections: int = 1000
+    max_line_length: int = 2048
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7
+    data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5, per block of data
+    session_timeout: float = 3600.0
+    spool_memory: int = 1024 * 1024
+    spool_directory: str | None = None
+    tls: Any = None  # an IOpenSSLServerConnectionCreator enables STARTTLS
+    require_tls: bool = False
+
+
+# end of data -> (envelope, message, relay, transaction id) -> reply
+Processor = Callable[[Envelope, Message, IRelaySession, str], Deferred[Reply]]
+
+
+class ESMTPServer(Protocol):
+    """One client session."""
+
+    factory: GuardFactory
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._busy = False
+        self._paused = False
+        self._closing = False
+        self._overlong = False
+        self._discard = 0  # bytes of a refused BDAT chunk still to swallow
+        self._client: Client | None = None
+        self._envelope: Envelope | None = None
+        self._relay: IRelaySession | None = None
+        self._spool: Spool | None = None
+        self._reader: DataReader | None = None
+        self._idle: interfaces.IDelayedCall | None = None
+        self._deadline: interfaces.IDelayedCall | None = None
+        self._transaction_id = ""
+
+    @property
+    def settings(self) -> ServerSettings:
+        return self.factory.settings
+
+    # -- connection ---------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        host = self.transport.getHost()  # type: ignore[union-attr]
+        self._client = Client(
+            address=getattr(peer, "host", ""),
+            port=getattr(peer, "port", 0),
+            server_address=getattr(host, "host", ""),
+            server_port=getattr(host, "port", 0),
+            hostname=self.settings.hostname,
+            esmtp=False,
+            tls=interfaces.ISSLTransport.providedBy(self.transport),
+        )
+        if self.factory.connections > self.settings.max_connections:
+            self._send(replies.TOO_MANY_CONNECTIONS)
+            self._close()
+            return
+        reactor = self.factory.reactor
+        self._deadline = reactor.callLater(self.settings.session_timeout, self._timed_out, replies.SESSION_TOO_LONG)
+        self._send(replies.SERVICE_READY.with_text(f"{self.settings.hostname} ESMTP smtpguard"))
+        self._arm_idle()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        self.factory.connections -= 1
+        self._closing = True
+        for timer in (self._idle, self._deadline):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._abandon_data()
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
+
+    def _close(self) -> None:
+        self._closing = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _send(self, reply: Reply) -> None:
+        self.transport.write(reply.to_bytes())  # type: ignore[union-attr]
+
+    # -- timers ---------------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        timeout = self.settings.data_timeout if self._reader else self.settings.command_timeout
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(timeout)
+        else:
+            self._idle = self.factory.reactor.callLater(timeout, self._timed_out, replies.TIMEOUT)
+
+    def _disarm_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+
+    def _timed_out(self, reply: Reply) -> None:
+        if self._busy:
+            # Never cut a session while its message is with the next hop: the
+            # client must hear the outcome.  Close once the reply is out.
+            self._closing = True
+            return
+        self._send(reply)
+        self._close()
+
+    # -- input ------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._buffer += data
+        if not self._busy:
+            self._arm_idle()
+        self._process()
+
+    def _process(self) -> None:
+        while self._buffer and not self._busy and not self._closing:
+            if self._discard:
+                taken = min(self._discard, len(self._buffer))
+                self._buffer = self._buffer[taken:]
+                self._discard -= taken
+                if not self._discard:
+                    self._send(replies.NOT_IMPLEMENTED.with_text("CHUNKING is not offered"))
+                continue
+            if self._reader is not None:
+                self._receive_data()
+                continue
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > self.settings.max_line_length:
+                    self._overlong = True
+                    self._buffer = b""
+                break
+            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            if self._overlong or len(line) > self.settings.max_line_length + 1:
+                self._overlong = False
+                self._send(replies.LINE_TOO_LONG)
+                continue
+            self._respond(self._command(line.rstrip(b"\r")))
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        should_pause = self._busy and len(self._buffer) > _PAUSE_BUFFER
+        if should_pause != self._paused and self.transport is not None:
+            self._paused = should_pause
+            if should_pause:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+            else:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _respond(self, outcome: Reply | Deferred[Reply] | None) -> None:
+        if isinstance(outcome, Deferred):
+            self._busy = True
+            self._disarm_idle()
+            outcome.addErrback(self._internal_error).addCallback(self._async_reply)
+        elif outcome is not None:
+            self._send(outcome)
+
+    def _internal_error(self, failure: Failure) -> Reply:
+        log.failure("internal error", failure)
+        return replies.LOCAL_ERROR
+
+    def _async_reply(self, reply: Reply) -> None:
+        self._busy = False
+        if self.transport is None or not self.transport.connected:  # type: ignore[attr-defined]
+            return
+        self._send(reply)
+        if self._closing:
+            self._close()
+            return
+        self._arm_idle()
+        self._process()
+
+    # -- commands -------------------------------------------------------------------
+
+    def _command(self, raw: bytes) -> Reply | Deferred[Reply] | None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return replies.BAD_ENCODING
+        verb, _, argument = line.partition(" ")
+        handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
+        if handler is None:
+            return replies.UNKNOWN_COMMAND
+        result: Reply | Deferred[Reply] | None = handler(argument)
+        return result
+
+    def smtp_EHLO(self, argument: str) -> Reply | Deferred[Reply]:
+        return self._hello(argument, esmtp=True)
+
+    def smtp_HELO(self, argument: str) -> Reply | Deferred[Reply]:
+        return self._hello(argument, esmtp=False)
+
+    def _hello(self, argument: str, esmtp: bool) -> Reply | Deferred[Reply]:
+        name = argument.strip()
+        if not name or " " in name:
+            return replies.HELO_REQUIRED
+        assert self._client is not None
+        self._client = attrs.evolve(self._client, helo=name, esmtp=esmtp)
+        greeting = f"{self.settings.hostname} Hello {name}"
+        reply = Reply(250, "", "\n".join([greeting, *self._extensions()]) if esmtp else greeting)
+        return self._then(self._reset_transaction(), reply)
+
+    def _extensions(self) -> list[str]:
+        offered = ["PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME"]
+        if self.settings.tls is not None and self._client is not None and not self._client.tls:
+            offered.append("STARTTLS")
+        offered += ["ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
+        return offered
+
+    def smtp_MAIL(self, argument: str) -> Reply | Deferred[Reply]:
+        assert self._client is not None
+        if not self._client.helo:
+            return replies.NEED_HELO
+        if self.settings.require_tls and not self._client.tls:
+            return replies.TLS_REQUIRED
+        if self._envelope is not None:
+            return replies.NESTED_MAIL
+        try:
+            sender, parameters = parse_mail(argument, self.settings.max_message_size)
+        except EnvelopeError as error:
+            return error.reply
+        envelope = Envelope(self._client, sender, parameters)
+        if self._relay is None:
+            self._relay = self.factory.next_hop.session()
+
+        def started(reply: Reply) -> Reply:
+            if reply.positive:
+                self._envelope = envelope
+                self._transaction_id = secrets.token_hex(6).upper()
+            return reply
+
+        return self._relay.mail(envelope).addCallback(started)
+
+    def smtp_RCPT(self, argument: str) -> Reply | Deferred[Reply]:
+        if self._envelope is None or self._relay is None:
+            return replies.NEED_MAIL
+        if len(self._envelope.recipients) >= self.settings.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+        try:
+            recipient = parse_rcpt(argument, self._envelope.parameters.smtputf8)
+        except EnvelopeError as error:
+            return error.reply
+
+        def added(reply: Reply) -> Reply:
+            if reply.positive and self._envelope is not None:
+                self._envelope = self._envelope.with_recipient(recipient)
+            return reply
+
+        return self._relay.rcpt(recipient).addCallback(added)
+
+    def smtp_DATA(self, argument: str) -> Reply:
+        if argument.strip():
+            return replies.SYNTAX_ERROR
+        if self._envelope is None:
+            return replies.NEED_MAIL
+        if not self._envelope.recipients:
+            return replies.NO_VALID_RECIPIENTS
+        self._spool = Spool(self.settings.max_message_size, self.settings.spool_memory, self.settings.spool_directory)
+        self._reader = DataReader(self._spool.write)
+        self._arm_idle()
+        return replies.START_DATA
+
+    def smtp_BDAT(self, argument: str) -> Reply | None:
+        # CHUNKING is not offered; swallow the announced chunk so that its bytes
+        # are never read as commands, then refuse.
+        size, *_ = argument.split() or [""]
+        if not size.isdigit():
+            return replies.SYNTAX_ERROR
+        self._discard = int(size)
+        if not self._discard:
+            return replies.NOT_IMPLEMENTED.with_text("CHUNKING is not offered")
+        return None
+
+    def smtp_RSET(self, argument: str) -> Reply | Deferred[Reply]:
+        if argument.strip():
+            return replies.SYNTAX_ERROR
+        return self._then(self._reset_transaction(), replies.RESET_OK)
+
+    def smtp_NOOP(self, argument: str) -> Reply:
+        return replies.OK
+
+    def smtp_QUIT(self, argument: str) -> None:
+        self._send(replies.CLOSING)
+        self._close()
+
+    def smtp_VRFY(self, argument: str) -> Reply:
+        return replies.CANNOT_VRFY if argument.strip() else replies.SYNTAX_ERROR
+
+    def smtp_EXPN(self, argument: str) -> Reply:
+        return replies.NOT_IMPLEMENTED
+
+    def smtp_HELP(self, argument: str) -> Reply:
+        return replies.HELP
+
+    def smtp_STARTTLS(self, argument: str) -> Reply | None:
+        assert self._client is not None
+        if self.settings.tls is None:
+            return replies.NOT_IMPLEMENTED
+        if argument.strip():
+            return replies.SYNTAX_ERROR
+        if self._client.tls:
+            return replies.TLS_ALREADY_ACTIVE
+        self._send(replies.READY_FOR_TLS)
+        # RFC 3207: whatever was pipelined after STARTTLS is discarded, and the
+        # session starts over once the handshake is done.
+        self._buffer = b""
+        self._envelope = None
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
+        self._client = attrs.evolve(self._client, helo="", esmtp=False, tls=True)
+        self.transport.startTLS(self.settings.tls)  # type: ignore[union-attr]
+        return None
+
+    # -- transactions ---------------------------------------------------------------
+
+    def _then(self, pending: Deferred[None] | None, reply: Reply) -> Reply | Deferred[Reply]:
+        return reply if pending is None else pending.addCallback(lambda _: reply)
+
+    def _reset_transaction(self) -> Deferred[None] | None:
+        self._envelope = None
+        if self._relay is None:
+            return None
+        return self._relay.reset()
+
+    def _receive_data(self) -> None:
+        assert self._reader is not None
+        rest = self._reader.feed(self._buffer)
+        if rest is None:
+            self._buffer = b""
+            return
+        self._buffer = rest
+        self._reader = None
+        self._respond(self._end_of_data())
+
+    def _end_of_data(self) -> Reply | Deferred[Reply]:
+        spool, envelope, relay = self._spool, self._envelope, self._relay
+        self._spool = None
+        assert spool is not None and envelope is not None and relay is not None
+        try:
+            message = spool.finish()
+        except SpoolFull:
+            return self._then(self._reset_transaction(), replies.MESSAGE_TOO_BIG)
+        except OSError as error:
+            log.error("spool write failed: {error}", error=error)
+            return self._then(self._reset_transaction(), replies.SPOOL_UNAVAILABLE)
+        self._envelope = None
+
+        def done(reply: Reply) -> Reply:
+            message.close()
+            return reply
+
+        return self.factory.process(envelope, message, relay, self._transaction_id).addBoth(done)
+
+    def _abandon_data(self) -> None:
+        if self._spool is not None:
+            self._spool.discard()
+            self._spool = None
+        self._reader = None
+
+
+class GuardFactory(Factory):
+    """Listen with this to run smtpguard on any endpoint.
+
+    ``next_hop`` is where accepted mail goes (an L{INextHop}, usually
+    L{smtpguard.upstream.Upstream}); ``process`` handles each message at its end
+    of data (usually L{smtpguard.pipeline.Pipeline.process}).
+    """
+
+    protocol = ESMTPServer
+
+    def __init__(self, reactor: Any, next_hop: INextHop, process: Processor, settings: ServerSettings = ServerSettings()) -> None:
+        verifyObject(INextHop, next_hop)
+        self.reactor = reactor
+        self.next_hop = next_hop
+        self.process = process
+        self.settings = settings
+        self.connections = 0
+

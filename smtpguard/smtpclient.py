@@ -1,0 +1,152 @@
+"""A small ESMTP client protocol: commands in, replies out, one Deferred each.
+
+It keeps the server's EHLO capabilities, sends message data dot-stuffed from an
+iterator of chunks with backpressure, and never buffers a whole message.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smtpguard.replies import Reply
+from smtpguard.wire import dot_stuff
+
+MAX_REPLY_LINE = 4096
+MAX_REPLY_LINES = 200
+
+
+class ProtocolViolation(Exception):
+    """The server sent something that is not an SMTP reply."""
+
+
+def parse_extensions(reply: Reply) -> dict[str, str]:
+    """EHLO reply text -> {KEYWORD: parameters}; the first line is the greeting."""
+    extensions: dict[str, str] = {}
+    for line in reply.text.split("\n")[1:]:
+        keyword, _, parameters = line.strip().partition(" ")
+        if keyword:
+            extensions[keyword.upper()] = parameters
+    return extensions
+
+
+@implementer(interfaces.IPullProducer)
+class _DataProducer:
+    def __init__(self, transport: interfaces.ITransport, chunks: Iterator[bytes]) -> None:
+        self._transport = transport
+        self._chunks = chunks
+        self.done: Deferred[None] = Deferred()
+
+    def resumeProducing(self) -> None:
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            self._finish(None)
+        except BaseException:
+            self._finish(Failure())
+        else:
+            self._transport.write(chunk)
+
+    def stopProducing(self) -> None:
+        self._finish(Failure(ConnectionDone("stopped producing")))
+
+    def _finish(self, result: object) -> None:
+        if not self.done.called:
+            self._transport.unregisterProducer()  # type: ignore[attr-defined]
+            self.done.callback(None) if result is None else self.done.errback(result)
+
+
+class SMTPClientProtocol(Protocol):
+    """Sends commands and matches replies to them in order (so pipelining works)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._lines: list[bytes] = []
+        self._waiting: deque[Deferred[Reply]] = deque()
+        self.greeting: Deferred[Reply] = Deferred()
+        self._waiting.append(self.greeting)
+        self.extensions: dict[str, str] = {}
+        self.connected_ = False
+        self.tls = False
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line, self._buffer = self._buffer[:end].rstrip(b"\r"), self._buffer[end + 1 :]
+            self._line_received(line)
+            if not self.connected_:
+                return
+        if len(self._buffer) > MAX_REPLY_LINE:
+            self._violation("reply line too long")
+
+    def _line_received(self, line: bytes) -> None:
+        self._lines.append(line)
+        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b""):
+            return self._violation(f"malformed reply {line[:80]!r}")
+        if line[3:4] == b"-":
+            if len(self._lines) > MAX_REPLY_LINES:
+                self._violation("reply too long")
+            return None
+        lines, self._lines = self._lines, []
+        if any(other[:3] != line[:3] for other in lines):
+            return self._violation("inconsistent multi-line reply")
+        if not self._waiting:
+            return self._violation("unexpected reply")
+        self._waiting.popleft().callback(Reply.from_lines(lines))
+
+    def _violation(self, why: str) -> None:
+        self._fail_all(Failure(ProtocolViolation(why)))
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _fail_all(self, failure: Failure) -> None:
+        self.connected_ = False
+        waiting, self._waiting = self._waiting, deque()
+        for waiter in waiting:
+            waiter.errback(failure)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._fail_all(reason)
+        if not self.lost.called:
+            self.lost.callback(None)
+
+    def expect_reply(self) -> Deferred[Reply]:
+        waiter: Deferred[Reply] = Deferred()
+        if not self.connected_:
+            waiter.errback(ConnectionDone("not connected"))
+        else:
+            self._waiting.append(waiter)
+        return waiter
+
+    def command(self, line: str) -> Deferred[Reply]:
+        """Send one command line (without CRLF); fires with its reply."""
+        waiter = self.expect_reply()
+        if self.connected_:
+            self.transport.write(line.encode("utf-8") + b"\r\n")  # type: ignore[union-attr]
+        return waiter
+
+    def send_data(self, chunks: Iterator[bytes]) -> tuple[Deferred[None], Deferred[Reply]]:
+        """After a 354: stream ``chunks`` dot-stuffed, then the final dot.
+
+        Returns (sent, reply): ``sent`` fires when the last byte is written,
+        ``reply`` with the server's reply to the end of data.
+        """
+        reply = self.expect_reply()
+        producer = _DataProducer(self.transport, dot_stuff(chunks))  # type: ignore[arg-type]
+        if self.connected_:
+            self.transport.registerProducer(producer, False)  # type: ignore[union-attr]
+        return producer.done, reply
+
+    def start_tls(self, context: interfaces.IOpenSSLClientConnectionCreator) -> None:
+        self.transport.startTLS(context)  # type: ignore[union-attr]
+        self.tls = True

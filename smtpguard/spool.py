@@ -1,0 +1,110 @@
+"""Storage for one received message: memory up to a threshold, then a private
+temporary file, so memory stays bounded whatever the message size."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Iterator
+from typing import IO
+
+CHUNK_SIZE = 256 * 1024
+
+
+class SpoolFull(Exception):
+    """The message is larger than the spool accepts."""
+
+
+class Message:
+    """A received message, read-only.  Its bytes use CRLF line endings only and are
+    not dot-stuffed.  Close it when the transaction ends."""
+
+    def __init__(self, body: IO[bytes], size: int) -> None:
+        self._body = body
+        self.size = size
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """The whole message, from the start, in chunks of at most ``chunk_size``."""
+        self._body.seek(0)
+        while chunk := self._body.read(chunk_size):
+            yield chunk
+
+    def read(self) -> bytes:
+        """The whole message in memory: for small messages and tests only."""
+        return b"".join(self.chunks())
+
+    def headers(self, limit: int = 1024 * 1024) -> bytes:
+        """The header block, up to and including the empty line (or ``limit`` bytes)."""
+        self._body.seek(0)
+        head = self._body.read(limit)
+        end = head.find(b"\r\n\r\n")
+        if head.startswith(b"\r\n"):
+            return b"\r\n"
+        return head if end < 0 else head[: end + 4]
+
+    def close(self) -> None:
+        self._body.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._body.closed
+
+
+class Spool:
+    """Collects a message as it arrives.
+
+    Up to ``memory_limit`` bytes stay in memory; beyond that the data moves to an
+    anonymous temporary file in ``directory`` (created 0600 and unlinked at once,
+    so nothing is left behind even after a crash).  Writes beyond ``max_size``
+    bytes are counted but not stored, and :meth:`finish` then raises SpoolFull.
+    """
+
+    def __init__(self, max_size: int, memory_limit: int = 1024 * 1024, directory: str | None = None) -> None:
+        self._max_size = max_size
+        self._memory_limit = memory_limit
+        self._directory = directory
+        self._body: IO[bytes] = io.BytesIO()
+        self._in_memory = True
+        self.size = 0
+        self.error: OSError | None = None
+
+    @property
+    def overflowed(self) -> bool:
+        return bool(self._max_size) and self.size > self._max_size
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.overflowed or self.error is not None:
+            return
+        try:
+            if self._in_memory and self.size > self._memory_limit:
+                self._move_to_disk()
+            self._body.write(data)
+        except OSError as error:
+            self.error = error
+
+    def _move_to_disk(self) -> None:
+        memory = self._body
+        assert isinstance(memory, io.BytesIO)
+        disk = tempfile.TemporaryFile(prefix="smtpguard-", dir=self._directory)
+        disk.write(memory.getbuffer())
+        self._body = disk
+        self._in_memory = False
+
+    def finish(self) -> Message:
+        """Hand over the message; raises SpoolFull or the OSError that writing met."""
+        if self.overflowed:
+            self.discard()
+            raise SpoolFull(self.size)
+        if self.error is not None:
+            self.discard()
+            raise self.error
+        try:
+            self._body.flush()
+        except OSError:
+            self.discard()
+            raise
+        return Message(self._body, self.size)
+
+    def discard(self) -> None:
+        self._body.close()

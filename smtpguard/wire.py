@@ -1,0 +1,92 @@
+"""The DATA wire format of RFC 5321 section 4.5.2, both ways, in bulk.
+
+Reading: the message ends only at CRLF "." CRLF.  Lines that start with a dot
+lose it (after a CRLF only).  Bare CR and bare LF are then normalised to CRLF, so
+the stored message -- and anything relayed from it -- has a single, unambiguous
+kind of line ending: a smuggled "<LF>.<LF>" arrives at the next hop as a
+stuffed "..", never as an end of data.
+
+Writing: every line that starts with a dot gets another, wherever chunk
+boundaries fall.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+
+_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+_TERMINATOR = b"\r\n.\r\n"
+# A partial line is held back at most this long before it is passed on.
+_HOLD_LIMIT = 64 * 1024
+
+
+def _normalise(data: bytes) -> bytes:
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        return data
+    return _LINE_ENDING.sub(b"\r\n", data)
+
+
+class DataReader:
+    """Decodes the bytes that follow a 354 reply.
+
+    Feed received bytes to :meth:`feed`; decoded message bytes go to ``sink``.
+    When the end of data is seen, ``feed`` returns the bytes that followed it
+    (pipelined commands), otherwise ``None``.
+    """
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+        self._pending = b""
+        self._at_line_start = True
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes | None:
+        buffer = self._pending + data if self._pending else data
+        if self._at_line_start and buffer.startswith(b".\r\n"):
+            return self._finish(b"", buffer[3:])
+        end = buffer.find(_TERMINATOR)
+        if end >= 0:
+            return self._finish(buffer[: end + 2], buffer[end + len(_TERMINATOR) :])
+        cut = buffer.rfind(b"\r\n") + 2
+        if cut < 2:
+            # A very long line is passed on in pieces, holding back what may
+            # still begin a CRLF or a terminator.
+            cut = len(buffer) - 4 if len(buffer) > _HOLD_LIMIT else 0
+        if cut:
+            self._emit(buffer[:cut])
+        self._pending = buffer[cut:]
+        return None
+
+    def _finish(self, data: bytes, rest: bytes) -> bytes:
+        if data:
+            self._emit(data)
+        self._pending = b""
+        self.done = True
+        return rest
+
+    def _emit(self, data: bytes) -> None:
+        at_line_start, self._at_line_start = self._at_line_start, data.endswith(b"\r\n")
+        if at_line_start and data.startswith(b"."):
+            data = data[1:]
+        self._sink(_normalise(data.replace(b"\r\n.", b"\r\n")))
+
+
+def _stuff(chunk: bytes, at_line_start: bool) -> bytes:
+    stuffed = chunk.replace(b"\n.", b"\n..")
+    return b"." + stuffed if at_line_start and chunk.startswith(b".") else stuffed
+
+
+def dot_stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Encode a stored message (CRLF line endings) for DATA, including the final
+    ``.`` line.  Works on chunks of any size and boundary."""
+    at_line_start = True
+    last = b"\n"
+    for chunk in chunks:
+        if not chunk:
+            continue
+        yield _stuff(chunk, at_line_start)
+        at_line_start = chunk.endswith(b"\n")
+        last = chunk[-1:]
+    yield b".\r\n" if last == b"\n" else b"\r\n.\r\n"
