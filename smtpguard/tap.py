@@ -1,0 +1,130 @@
+"""``twistd smtpguard``: command-line options and the service they build.
+
+:func:`build_service` is also the embedding API: give it a :class:`Config` and a
+reactor and add the returned service to your application.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import ssl
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from smtpguard import config as configuration
+from smtpguard.config import Config, ConfigError
+from smtpguard.pipeline import Pipeline
+from smtpguard.registry import build_policy, build_scanner
+from smtpguard.scanners.chain import AllScanners
+from smtpguard.server import GuardFactory
+from smtpguard.upstream import Upstream
+
+
+def scanner_table(spec: str) -> dict[str, str]:
+    """``--scanner`` value -> a ``[[scanners]]`` table: ``builtin``,
+    ``clamd:unix:/run/clamav/clamd.ctl`` (NAME:ENDPOINT) or ``icap://host:port/service``."""
+    if spec.startswith("icap://"):
+        return {"type": "icap", "url": spec}
+    name, _, endpoint = spec.partition(":")
+    return {"type": name, "endpoint": endpoint} if endpoint else {"type": name}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run smtpguard, the SMTP antivirus-scanning proxy. Settings come from the TOML file "
+        "given with --config; --listen, --upstream and --scanner replace the file's values "
+        "(and are enough on their own for a quick start)."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        ["upstream", "u", None, "Next hop as a client endpoint, e.g. tcp:127.0.0.1:10026."],
+        ["hostname", None, None, "Our name in the greeting, EHLO and Received: headers."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["scanners"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on a server endpoint, e.g. tcp:10025:interface=127.0.0.1 (repeatable)."""
+        self["listen"].append(endpoint)
+
+    def opt_scanner(self, spec: str) -> None:
+        """Scan with: builtin, clamd:ENDPOINT, icap://HOST:PORT/SERVICE or a plugin's name (repeatable)."""
+        self["scanners"].append(scanner_table(spec))
+
+    opt_l = opt_listen
+    opt_s = opt_scanner
+
+    def postOptions(self) -> None:
+        try:
+            self["loaded"] = self.load()
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+
+    def load(self) -> Config:
+        data: dict[str, Any] = {}
+        if self["config"]:
+            data = configuration.read_toml(self["config"])
+        server = data.setdefault("server", {})
+        if self["listen"]:
+            server["listen"] = self["listen"]
+        if self["hostname"]:
+            server["hostname"] = self["hostname"]
+        if self["upstream"]:
+            data.setdefault("upstream", {})["endpoint"] = self["upstream"]
+        if self["scanners"]:
+            data["scanners"] = self["scanners"]
+        return configuration.parse(data, self["config"] or "command line")
+
+
+def server_tls(config: Config) -> Any:
+    """The STARTTLS context from the configured PEM files, or None."""
+    if config.tls_certificate is None or config.tls_key is None:
+        return None
+    try:
+        with open(config.tls_key, "rb") as key, open(config.tls_certificate, "rb") as certificate:
+            pem = key.read() + b"\n" + certificate.read()
+        return ssl.PrivateCertificate.loadPEM(pem).options()
+    except Exception as error:
+        raise ConfigError(f"{config.source}: server.tls_certificate: cannot load: {error}") from None
+
+
+def build_factory(config: Config, reactor: Any) -> GuardFactory:
+    """The listening factory for ``config``: scanners, policy and next hop wired."""
+    import attrs
+
+    scanners = [build_scanner(table, reactor, f"{config.source}: scanners[{index}]") for index, table in enumerate(config.scanners)]
+    policy = build_policy(config.policy, f"{config.source}: policy")
+    pipeline = Pipeline(reactor, AllScanners(scanners), policy, config.scan_timeout)
+    settings = attrs.evolve(config.server, tls=server_tls(config))
+    return GuardFactory(reactor, Upstream(reactor, config.upstream), pipeline.process, settings)
+
+
+def build_service(config: Config, reactor: Any) -> service.MultiService:
+    """A service listening on every ``[server] listen`` endpoint."""
+    factory = build_factory(config, reactor)
+    top = service.MultiService()
+    for description in config.listen:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{config.source}: server.listen: bad endpoint {description!r}: {error}") from None
+        listener = StreamServerEndpointService(endpoint, factory)
+        listener._raiseSynchronously = True
+        listener.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    try:
+        return build_service(options["loaded"], reactor)
+    except ConfigError as error:
+        raise SystemExit(f"smtpguard: {error}") from None

@@ -1,0 +1,87 @@
+"""Shared fixtures: real programs on loopback, and the rule that a missing real
+program fails under CI=true instead of skipping."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+SBIN = ("/usr/sbin", "/usr/lib/postfix/sbin")
+
+
+def require_program(name: str) -> str:
+    """The path of ``name``; fails in CI and skips elsewhere when it is missing."""
+    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
+    if path is None:
+        message = f"{name} is not installed (scripts/test installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class SmtpSink:
+    """Postfix's smtp-sink on loopback, dumping each message it receives into a
+    folder (``-d``), with the envelope in X-* headers it prepends."""
+
+    def __init__(self, directory: Path, port: int, process: subprocess.Popen[bytes]) -> None:
+        self.directory = directory
+        self.port = port
+        self.endpoint = f"tcp:127.0.0.1:{port}"
+        self.process = process
+
+    def messages(self, expected: int = 1, timeout: float = 5.0) -> list[bytes]:
+        """The dumped messages, oldest first, once ``expected`` have arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            files = sorted(self.directory.iterdir(), key=lambda path: path.stat().st_mtime_ns)
+            if len(files) >= expected or time.monotonic() > deadline:
+                return [path.read_bytes() for path in files]
+            time.sleep(0.02)
+
+
+def start_smtp_sink(directory: Path, *options: str) -> SmtpSink:
+    binary = require_program("smtp-sink")
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [binary, "-u", "root", *options, "-d", str(directory / "%Y%m%d%H%M%S."), f"127.0.0.1:{port}", "64"],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port)
+    return SmtpSink(directory, port, process)
+
+
+@pytest.fixture
+def smtp_sink(tmp_path: Path) -> Iterator[SmtpSink]:
+    sink = start_smtp_sink(tmp_path / "sink")
+    yield sink
+    sink.process.terminate()
+    sink.process.wait(5)

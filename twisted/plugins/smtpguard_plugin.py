@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+smtpguard = ServiceMaker("smtpguard", "smtpguard.tap", "SMTP antivirus-scanning proxy", "smtpguard")
