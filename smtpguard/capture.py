@@ -77,7 +77,9 @@ class Folder:
         return _FolderSession(self.directory)
 
 
-def deliver_unchanged(envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str) -> Deferred[Reply]:
+def deliver_unchanged(
+    envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str
+) -> Deferred[Reply]:
     """A processor that relays without scanning: for the capture target only."""
     return relay.data(message, b"")
 

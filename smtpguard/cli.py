@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from smtpguard import config as configuration
 from smtpguard.config import ConfigError
@@ -33,19 +34,27 @@ def capture(arguments: argparse.Namespace) -> int:
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     endpoint = serverFromString(reactor, arguments.listen)
-    endpoint.listen(capture_factory(reactor, arguments.directory)).addErrback(lambda failure: (print(failure.getErrorMessage(), file=sys.stderr), reactor.stop()))  # type: ignore[attr-defined]
+    def failed(failure: Any) -> None:
+        print(f"smtpguard capture: {failure.getErrorMessage()}", file=sys.stderr)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    endpoint.listen(capture_factory(reactor, arguments.directory)).addErrback(failed)
     reactor.run()  # type: ignore[attr-defined]
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="smtpguard", description="smtpguard utilities; the proxy itself runs as `twistd smtpguard`.")
+    parser = argparse.ArgumentParser(
+        prog="smtpguard", description="smtpguard utilities; the proxy itself runs as `twistd smtpguard`."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     checking = commands.add_parser("check-config", help="validate a configuration file and the plugins it names")
     checking.add_argument("file")
     checking.set_defaults(run=check_config)
     capturing = commands.add_parser("capture", help="run an SMTP server that stores what it receives in a folder")
-    capturing.add_argument("--listen", default="tcp:10026:interface=127.0.0.1", help="server endpoint (default: %(default)s)")
+    capturing.add_argument(
+        "--listen", default="tcp:10026:interface=127.0.0.1", help="server endpoint (default: %(default)s)"
+    )
     capturing.add_argument("--directory", default="capture", help="where messages go (default: %(default)s)")
     capturing.set_defaults(run=capture)
     arguments = parser.parse_args(argv)

@@ -142,7 +142,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
 
     tls = UpstreamTLS(upstream.choice("tls", tuple(mode.value for mode in UpstreamTLS), "none"))
     if "endpoint" not in upstream.data:
-        raise upstream.error("endpoint", "is required (e.g. \"tcp:127.0.0.1:10026\")")
+        raise upstream.error("endpoint", 'is required (e.g. "tcp:127.0.0.1:10026")')
     upstream_settings = UpstreamSettings(
         endpoint=upstream.get("endpoint", str, ""),
         hostname=hostname,
@@ -158,7 +158,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
     root._read.add("scanners")
     scanners = data.get("scanners", [])
     if not isinstance(scanners, list) or not scanners:
-        raise root.error("scanners", "at least one [[scanners]] table is needed (e.g. type = \"builtin\")")
+        raise root.error("scanners", 'at least one [[scanners]] table is needed (e.g. type = "builtin")')
     for index, scanner in enumerate(scanners):
         table = Table(source, f"scanners[{index}]", scanner)
         if not isinstance(table.data.get("type"), str):

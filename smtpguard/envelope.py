@@ -143,8 +143,7 @@ def decode_xtext(value: str) -> str:
 
 def encode_xtext(value: str) -> str:
     return "".join(
-        c if "\x21" <= c <= "\x7e" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
-        for c in value
+        c if "\x21" <= c <= "\x7e" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode()) for c in value
     )
 
 

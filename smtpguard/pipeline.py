@@ -38,7 +38,7 @@ def received_header(envelope: Envelope, transaction_id: str, now: float) -> byte
 
 def status_headers(result: ScanResult, hostname: str) -> bytes:
     scanned = f"X-Virus-Scanned: smtpguard ({result.scanner or 'none'}) on {hostname}"
-    return f"{scanned}\r\nX-Virus-Status: {result.status()}\r\n".encode("utf-8")
+    return f"{scanned}\r\nX-Virus-Status: {result.status()}\r\n".encode()
 
 
 class Pipeline:
@@ -66,7 +66,9 @@ class Pipeline:
             return defer.succeed(failed(Failure()))
         return scanning.addTimeout(self._scan_timeout, self._reactor).addErrback(failed)
 
-    def process(self, envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str) -> Deferred[Reply]:
+    def process(
+        self, envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str
+    ) -> Deferred[Reply]:
         """Fires with the reply for the client's end of data; never fails."""
         return Deferred.fromCoroutine(self._process(envelope, message, relay, transaction_id))
 
@@ -81,13 +83,16 @@ class Pipeline:
                 reply: Reply = await relay.data(message, prefix)
             else:
                 await relay.reset()
-                reply = decision.reply or (replies.DISCARDED if decision.action is Action.DISCARD else replies.LOCAL_ERROR)
+                reply = decision.reply or (
+                    replies.DISCARDED if decision.action is Action.DISCARD else replies.LOCAL_ERROR
+                )
         except Exception:
             log.failure("processing {id} failed", id=transaction_id)
             await relay.reset()
             return replies.LOCAL_ERROR
         log.info(
-            "{id}: from=<{sender}> rcpts={rcpts} size={size} status={status} action={action} reply={code} ({ms:.1f} ms)",
+            "{id}: from=<{sender}> rcpts={rcpts} size={size} status={status} action={action} reply={code}"
+            " ({ms:.1f} ms)",
             id=transaction_id,
             sender=envelope.sender,
             rcpts=len(envelope.recipients),

@@ -53,7 +53,7 @@ def factories(interface: type[Interface]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for factory in getPlugins(interface, plugins):
         verifyObject(interface, factory)
-        found.setdefault(factory.name, factory)
+        found.setdefault(factory.name, factory)  # type: ignore[attr-defined]
     return found
 
 

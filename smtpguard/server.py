@@ -407,13 +407,14 @@ class GuardFactory(Factory):
     of data (usually L{smtpguard.pipeline.Pipeline.process}).
     """
 
-    protocol = ESMTPServer
+    protocol = ESMTPServer  # type: ignore[assignment]
 
-    def __init__(self, reactor: Any, next_hop: INextHop, process: Processor, settings: ServerSettings = ServerSettings()) -> None:
+    def __init__(
+        self, reactor: Any, next_hop: INextHop, process: Processor, settings: ServerSettings = ServerSettings()
+    ) -> None:
         verifyObject(INextHop, next_hop)
         self.reactor = reactor
         self.next_hop = next_hop
         self.process = process
         self.settings = settings
         self.connections = 0
-

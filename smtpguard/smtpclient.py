@@ -57,10 +57,13 @@ class _DataProducer:
     def stopProducing(self) -> None:
         self._finish(Failure(ConnectionDone("stopped producing")))
 
-    def _finish(self, result: object) -> None:
+    def _finish(self, failure: Failure | None) -> None:
         if not self.done.called:
             self._transport.unregisterProducer()  # type: ignore[attr-defined]
-            self.done.callback(None) if result is None else self.done.errback(result)
+            if failure is None:
+                self.done.callback(None)
+            else:
+                self.done.errback(failure)
 
 
 class SMTPClientProtocol(Protocol):

@@ -46,7 +46,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
         self["scanners"] = []
 
@@ -99,7 +99,10 @@ def build_factory(config: Config, reactor: Any) -> GuardFactory:
     """The listening factory for ``config``: scanners, policy and next hop wired."""
     import attrs
 
-    scanners = [build_scanner(table, reactor, f"{config.source}: scanners[{index}]") for index, table in enumerate(config.scanners)]
+    scanners = [
+        build_scanner(table, reactor, f"{config.source}: scanners[{index}]")
+        for index, table in enumerate(config.scanners)
+    ]
     policy = build_policy(config.policy, f"{config.source}: policy")
     pipeline = Pipeline(reactor, AllScanners(scanners), policy, config.scan_timeout)
     settings = attrs.evolve(config.server, tls=server_tls(config))

@@ -18,6 +18,8 @@ class DefaultPolicy:
             return Decision(Action.DELIVER)
         if result.verdict is Verdict.INFECTED:
             names = ", ".join(threat.name for threat in result.threats)
-            return Decision(Action.REJECT, replies.VIRUS_REJECTED.with_text(f"Message rejected: virus found ({names})"), names)
+            return Decision(
+                Action.REJECT, replies.VIRUS_REJECTED.with_text(f"Message rejected: virus found ({names})"), names
+            )
         assert result.error is not None
         return Decision(Action.DEFER, replies.SCAN_DEFERRED, result.error.value)
