@@ -61,6 +61,7 @@ class ESMTPServer(Protocol):
     def __init__(self) -> None:
         self._buffer = b""
         self._busy = False
+        self._processing = False
         self._paused = False
         self._closing = False
         self._overlong = False
@@ -153,6 +154,16 @@ class ESMTPServer(Protocol):
         self._process()
 
     def _process(self) -> None:
+        if self._processing:
+            return  # a reply that arrived synchronously: the running loop goes on
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+        self._flow_control()
+
+    def _process_buffer(self) -> None:
         while self._buffer and not self._busy and not self._closing:
             if self._discard:
                 taken = min(self._discard, len(self._buffer))
@@ -176,7 +187,6 @@ class ESMTPServer(Protocol):
                 self._send(replies.LINE_TOO_LONG)
                 continue
             self._respond(self._command(line.rstrip(b"\r")))
-        self._flow_control()
 
     def _flow_control(self) -> None:
         should_pause = self._busy and len(self._buffer) > _PAUSE_BUFFER

@@ -106,7 +106,9 @@ class SMTPClientProtocol(Protocol):
             return self._violation("inconsistent multi-line reply")
         if not self._waiting:
             return self._violation("unexpected reply")
-        self._waiting.popleft().callback(Reply.from_lines(lines))
+        waiter = self._waiting.popleft()
+        if not waiter.called:  # a waiter that timed out was cancelled
+            waiter.callback(Reply.from_lines(lines))
 
     def _violation(self, why: str) -> None:
         self._fail_all(Failure(ProtocolViolation(why)))
@@ -116,7 +118,8 @@ class SMTPClientProtocol(Protocol):
         self.connected_ = False
         waiting, self._waiting = self._waiting, deque()
         for waiter in waiting:
-            waiter.errback(failure)
+            if not waiter.called:
+                waiter.errback(failure)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._fail_all(reason)

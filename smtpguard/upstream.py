@@ -203,7 +203,10 @@ class UpstreamSession:
                 return self._relayed(reply, replies.UPSTREAM_PROTOCOL)
             sent, final = self._protocol.send_data(_with_prefix(prefix, message))
             final = self._timed(final)
-            await sent
+            # If sending stops half-way (spool unreadable, connection gone), the
+            # next hop must not keep a partial message: drop the connection, which
+            # also fails ``final``.
+            sent.addErrback(self._abandon_data)
             reply = await final
             self._in_transaction = False
             return reply
@@ -221,6 +224,10 @@ class UpstreamSession:
         if protocol is not None and protocol.connected_:
             protocol.command("QUIT").addErrback(lambda _: None)
             self._reactor.callLater(0, protocol.transport.loseConnection)  # type: ignore[union-attr]
+
+    def _abandon_data(self, failure: Failure) -> None:
+        log.warn("sending to the next hop stopped: {why}", why=failure.getErrorMessage())
+        self._drop()
 
     def _drop(self) -> None:
         protocol, self._protocol = self._protocol, None
