@@ -33,6 +33,9 @@ class _FolderSession:
         return defer.succeed(replies.SENDER_OK)
 
     def rcpt(self, recipient: Recipient) -> Deferred[Reply]:
+        if self._envelope is None:
+            return defer.succeed(replies.NEED_MAIL)
+        self._envelope = self._envelope.with_recipient(recipient)
         return defer.succeed(replies.RECIPIENT_OK)
 
     def data(self, message: Message, prefix: bytes) -> Deferred[Reply]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from email.utils import formatdate
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 from twisted.internet import defer
@@ -32,7 +33,7 @@ def received_header(envelope: Envelope, transaction_id: str, now: float) -> byte
     ]
     if len(envelope.recipients) == 1:
         lines.append(f"\tfor <{envelope.recipients[0].address}>")
-    lines[-1] += f"; {formatdate(now)}"
+    lines[-1] += f"; {format_datetime(datetime.fromtimestamp(now, UTC))}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 

@@ -126,6 +126,7 @@ class UpstreamSession:
         if self._protocol is not None and self._protocol.connected_:
             return
         factory = Factory.forProtocol(SMTPClientProtocol)
+        factory.noisy = False
         connecting = self._endpoint.connect(factory)
         connecting.addTimeout(self._settings.connect_timeout, self._reactor)  # type: ignore[arg-type]
         protocol: SMTPClientProtocol = await connecting  # type: ignore[assignment]
