@@ -34,6 +34,7 @@ def capture(arguments: argparse.Namespace) -> int:
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     endpoint = serverFromString(reactor, arguments.listen)
+
     def failed(failure: Any) -> None:
         print(f"smtpguard capture: {failure.getErrorMessage()}", file=sys.stderr)
         reactor.stop()  # type: ignore[attr-defined]

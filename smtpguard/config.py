@@ -64,7 +64,7 @@ class Table:
 
     def positive(self, key: str, kind: type[T], default: T) -> T:
         value = self.get(key, kind, default)
-        if value <= 0:  # type: ignore[operator]
+        if not value > 0:  # type: ignore[operator]  # also refuses nan
             raise self.error(key, f"must be greater than 0, got {value!r}")
         return value
 
@@ -164,7 +164,9 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if not isinstance(table.data.get("type"), str):
             raise table.error("type", "is required (builtin, clamd, icap, command or a plugin's name)")
     policy = root.table("policy")
-    scan_timeout = root.table("scanning").positive("timeout", float, 120.0)
+    scanning = root.table("scanning")
+    scan_timeout = scanning.positive("timeout", float, 120.0)
+    scanning.check_unknown()
     root.check_unknown()
     return Config(
         source=source,

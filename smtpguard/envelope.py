@@ -138,13 +138,19 @@ def decode_xtext(value: str) -> str:
     """RFC 3461 xtext: ``+XX`` hex escapes."""
     if not _XTEXT.match(value):
         raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Malformed xtext"))
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    raw = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value.encode("ascii"))
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def encode_xtext(value: str) -> str:
-    return "".join(
-        c if "\x21" <= c <= "\x7e" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode()) for c in value
-    )
+    """RFC 3461 xtext of ``value``; the inverse of :func:`decode_xtext`."""
+    encoded = []
+    for char in value:
+        if "\x21" <= char <= "\x7e" and char not in "+=":
+            encoded.append(char)
+        else:
+            encoded.extend(f"+{octet:02X}" for octet in char.encode("utf-8", "surrogateescape"))
+    return "".join(encoded)
 
 
 def _is_ascii(text: str) -> bool:
@@ -170,7 +176,7 @@ def parse_mail(argument: str, max_size: int) -> tuple[str, MailParameters]:
     ret: Return | None = None
     for key, value in params.items():
         if key == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                 raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad SIZE parameter"))
             size = int(value)
             if max_size and size > max_size:

@@ -6,7 +6,7 @@ import re
 
 import attrs
 
-_REPLY_LINE = re.compile(rb"^(\d{3})([ -])(.*)$")
+_REPLY_LINE = re.compile(rb"^(\d{3})([ -]|$)(.*)$")
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?: (.*))?$", re.S)
 
 

@@ -87,7 +87,11 @@ class Spool:
         memory = self._body
         assert isinstance(memory, io.BytesIO)
         disk = tempfile.TemporaryFile(prefix="smtpguard-", dir=self._directory)
-        disk.write(memory.getbuffer())
+        try:
+            disk.write(memory.getbuffer())
+        except BaseException:
+            disk.close()
+            raise
         self._body = disk
         self._in_memory = False
 

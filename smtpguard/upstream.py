@@ -118,6 +118,8 @@ class UpstreamSession:
         def on_timeout(result: Any, seconds: float) -> Any:
             if protocol is not None and protocol.transport is not None:
                 protocol.transport.abortConnection()  # type: ignore[attr-defined]
+            if isinstance(result, Failure) and result.check(defer.CancelledError):
+                raise defer.TimeoutError(seconds, "no reply from the next hop")
             return result
 
         return waiting.addTimeout(timeout or self._settings.timeout, self._reactor, on_timeout)  # type: ignore[arg-type]

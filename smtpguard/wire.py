@@ -49,11 +49,12 @@ class DataReader:
         end = buffer.find(_TERMINATOR)
         if end >= 0:
             return self._finish(buffer[: end + 2], buffer[end + len(_TERMINATOR) :])
-        cut = buffer.rfind(b"\r\n") + 2
-        if cut < 2:
+        last_line_end = buffer.rfind(b"\r\n")
+        cut = last_line_end + 2 if last_line_end >= 0 else 0
+        if len(buffer) - cut > _HOLD_LIMIT:
             # A very long line is passed on in pieces, holding back what may
             # still begin a CRLF or a terminator.
-            cut = len(buffer) - 4 if len(buffer) > _HOLD_LIMIT else 0
+            cut = len(buffer) - 4
         if cut:
             self._emit(buffer[:cut])
         self._pending = buffer[cut:]
