@@ -31,6 +31,8 @@ log = Logger()
 
 # While a command is pending, stop reading from a client that has sent this much.
 _PAUSE_BUFFER = 256 * 1024
+# Seconds a closing connection may take to flush its last reply.
+_CLOSE_GRACE = 30.0
 
 
 @attrs.frozen
@@ -106,9 +108,7 @@ class ESMTPServer(Protocol):
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         self.factory.connections -= 1
         self._closing = True
-        for timer in (self._idle, self._deadline):
-            if timer is not None and timer.active():
-                timer.cancel()
+        self._cancel_timers()
         self._abandon_data()
         if self._relay is not None:
             self._relay.close()
@@ -116,7 +116,15 @@ class ESMTPServer(Protocol):
 
     def _close(self) -> None:
         self._closing = True
+        self._cancel_timers()
         self.transport.loseConnection()  # type: ignore[union-attr]
+        # A client that stops reading must not keep the connection open.
+        self._idle = self.factory.reactor.callLater(_CLOSE_GRACE, self.transport.abortConnection)  # type: ignore[union-attr]
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle, self._deadline):
+            if timer is not None and timer.active():
+                timer.cancel()
 
     def _send(self, reply: Reply) -> None:
         self.transport.write(reply.to_bytes())  # type: ignore[union-attr]
@@ -177,16 +185,16 @@ class ESMTPServer(Protocol):
                 continue
             end = self._buffer.find(b"\n")
             if end < 0:
-                if len(self._buffer) > self.settings.max_line_length:
+                if len(self._buffer) > self.settings.max_line_length + 1:  # + the CR of CRLF
                     self._overlong = True
                     self._buffer = b""
                 break
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
-            if self._overlong or len(line) > self.settings.max_line_length + 1:
+            line, self._buffer = self._buffer[:end].rstrip(b"\r"), self._buffer[end + 1 :]
+            if self._overlong or len(line) > self.settings.max_line_length:
                 self._overlong = False
                 self._send(replies.LINE_TOO_LONG)
                 continue
-            self._respond(self._command(line.rstrip(b"\r")))
+            self._respond(self._command(line))
 
     def _flow_control(self) -> None:
         should_pause = self._busy and len(self._buffer) > _PAUSE_BUFFER
