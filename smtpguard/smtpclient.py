@@ -154,5 +154,11 @@ class SMTPClientProtocol(Protocol):
         return producer.done, reply
 
     def start_tls(self, context: interfaces.IOpenSSLClientConnectionCreator) -> None:
+        """Start TLS after the server's 220.  Anything the server sent after that
+        220 in clear text would be read as a reply to an encrypted command
+        (STARTTLS response injection): it is a violation."""
+        if self._buffer or self._lines:
+            self._violation("data after the STARTTLS reply")
+            raise ProtocolViolation("data after the STARTTLS reply")
         self.transport.startTLS(context)  # type: ignore[union-attr]
         self.tls = True

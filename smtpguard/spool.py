@@ -29,6 +29,10 @@ class Message:
         while chunk := self._body.read(chunk_size):
             yield chunk
 
+    def isascii(self) -> bool:
+        """Whether the message is 7-bit (RFC 6152: else the next hop needs 8BITMIME)."""
+        return all(chunk.isascii() for chunk in self.chunks())
+
     def read(self) -> bytes:
         """The whole message in memory: for small messages and tests only."""
         return b"".join(self.chunks())

@@ -10,7 +10,6 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -20,6 +19,7 @@ from smtpguard.pipeline import Pipeline
 from smtpguard.registry import build_policy, build_scanner
 from smtpguard.scanners.chain import AllScanners
 from smtpguard.server import GuardFactory
+from smtpguard.tls import ServerTLS
 from smtpguard.upstream import Upstream
 
 
@@ -88,9 +88,7 @@ def server_tls(config: Config) -> Any:
     if config.tls_certificate is None or config.tls_key is None:
         return None
     try:
-        with open(config.tls_key, "rb") as key, open(config.tls_certificate, "rb") as certificate:
-            pem = key.read() + b"\n" + certificate.read()
-        return ssl.PrivateCertificate.loadPEM(pem).options()
+        return ServerTLS(config.tls_certificate, config.tls_key)
     except Exception as error:
         raise ConfigError(f"{config.source}: server.tls_certificate: cannot load: {error}") from None
 

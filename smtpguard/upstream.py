@@ -182,6 +182,8 @@ class UpstreamSession:
                 reply = await self._command(line)
                 if reply.code != 250:
                     log.warn("next hop refused XFORWARD: {reply}", reply=reply)
+            if not envelope.sender.isascii() and "SMTPUTF8" not in self.extensions:
+                return replies.NEXT_HOP_NO_SMTPUTF8
             reply = await self._command("MAIL " + mail_arguments(envelope.sender, envelope.parameters, self.extensions))
             self._in_transaction = reply.code == 250
             return reply
@@ -192,6 +194,8 @@ class UpstreamSession:
         async def steps() -> Reply:
             if self._protocol is None or not self._protocol.connected_:
                 raise _Failed(replies.UPSTREAM_UNAVAILABLE)
+            if not recipient.address.isascii() and "SMTPUTF8" not in self.extensions:
+                return replies.NEXT_HOP_NO_SMTPUTF8
             return await self._command("RCPT " + rcpt_arguments(recipient, self.extensions))
 
         return self._run(steps())
@@ -200,6 +204,10 @@ class UpstreamSession:
         async def steps() -> Reply:
             if self._protocol is None or not self._protocol.connected_:
                 raise _Failed(replies.UPSTREAM_UNAVAILABLE)
+            if "8BITMIME" not in self.extensions and not (prefix.isascii() and message.isascii()):
+                await self._command("RSET")
+                self._in_transaction = False
+                return replies.NEXT_HOP_NO_8BITMIME
             reply = await self._command("DATA")
             if reply.code != 354:
                 self._in_transaction = False

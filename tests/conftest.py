@@ -85,3 +85,64 @@ def smtp_sink(tmp_path: Path) -> Iterator[SmtpSink]:
     yield sink
     sink.process.terminate()
     sink.process.wait(5)
+
+
+# -- added for the integration tests ------------------------------------------------
+
+
+class LoggingSmtpSink(SmtpSink):
+    """An smtp-sink started with ``-v``: its stderr, kept in ``log``, shows every
+    command it received (XFORWARD included, which the dump files do not record)."""
+
+    def __init__(self, directory: Path, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+        super().__init__(directory, port, process)
+        self.log = log
+
+    def commands(self) -> list[str]:
+        """The logged command lines, in order, without the program-name prefix."""
+        lines = self.log.read_text(encoding="utf-8", errors="replace").splitlines()
+        return [line.split(": ", 1)[1] for line in lines if ": " in line]
+
+
+def start_logging_smtp_sink(directory: Path, *options: str) -> LoggingSmtpSink:
+    binary = require_program("smtp-sink")
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory.parent / (directory.name + ".log")
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [binary, "-v", "-u", "root", *options, "-d", str(directory / "%Y%m%d%H%M%S."), f"127.0.0.1:{port}", "64"],
+            cwd=directory,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    wait_for_port(port)
+    return LoggingSmtpSink(directory, port, process, log)
+
+
+class SinkStarter:
+    """Starts logging smtp-sinks in subfolders of one directory and stops them all."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[LoggingSmtpSink] = []
+
+    def __call__(self, name: str, *options: str) -> LoggingSmtpSink:
+        sink = start_logging_smtp_sink(self.directory / name, *options)
+        self.started.append(sink)
+        return sink
+
+    def stop(self) -> None:
+        for sink in self.started:
+            sink.process.terminate()
+            sink.process.wait(5)
+
+
+@pytest.fixture
+def smtp_sinks(tmp_path: Path) -> Iterator[SinkStarter]:
+    """``smtp_sinks(NAME, *options)`` starts an smtp-sink with extra options
+    (``-f RCPT``, ``-B reply`` ...) dumping to tmp_path/NAME and logging its
+    commands; all are stopped at teardown."""
+    starter = SinkStarter(tmp_path)
+    yield starter
+    starter.stop()
