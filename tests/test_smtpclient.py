@@ -716,3 +716,73 @@ def test_close_sends_quit_and_closes():
     assert hop.transport.disconnecting is False
     clock.advance(0)
     assert hop.transport.disconnecting is True
+
+
+# -- regressions: the twisted.mail client defects of the project notes ------------------
+
+
+def _relayed_bytes(body: bytes) -> bytes:
+    """What the next hop receives after 354 for ``body``, up to the final dot."""
+    relay, hop, _ = started()
+    hop.expect(b"", None)
+    relay.rcpt(Recipient("b@example.com"))
+    hop.expect(b"RCPT TO:<b@example.com>\r\n", b"250 2.1.5 Ok\r\n")
+    relay.data(message(body), b"")
+    hop.expect(b"DATA\r\n", b"354 go ahead\r\n")
+    produce(hop.transport)
+    return hop.transport.value()
+
+
+def test_regression_client_dot_at_chunk_boundary_is_stuffed():
+    """A dot that starts a line exactly at a 256 KiB spool chunk boundary is stuffed."""
+    from smtpguard.spool import CHUNK_SIZE
+
+    head = b"x" * (CHUNK_SIZE - 2) + b"\r\n"
+    sent = _relayed_bytes(head + b".\r\nQUIT\r\n")
+    assert sent == head + b"..\r\nQUIT\r\n.\r\n"
+
+
+def test_regression_client_dot_on_first_line_is_stuffed():
+    """A dot on the very first line is stuffed."""
+    assert _relayed_bytes(b".first\r\n") == b"..first\r\n.\r\n"
+
+
+def test_regression_client_crlf_is_not_doubled():
+    """CRLF line endings go out as CRLF, never CR CR LF."""
+    sent = _relayed_bytes(b"a\r\nb\r\n")
+    assert sent == b"a\r\nb\r\n.\r\n"
+    assert b"\r\r\n" not in sent
+
+
+def test_regression_client_final_reply_text_is_kept():
+    """The next hop's final reply text (its queue id) reaches the caller."""
+    relay, hop, _ = started()
+    hop.expect(b"", None)
+    relay.rcpt(Recipient("b@example.com"))
+    hop.expect(b"RCPT TO:<b@example.com>\r\n", b"250 2.1.5 Ok\r\n")
+    data = relay.data(message(b"x\r\n"), b"")
+    hop.expect(b"DATA\r\n", b"354 go ahead\r\n")
+    produce(hop.transport)
+    hop.expect(b"x\r\n.\r\n", b"250 2.0.0 Ok: queued as 3FA9C\r\n")
+    assert result_of(data) == Reply(250, "2.0.0", "Ok: queued as 3FA9C")
+
+
+def test_regression_client_no_immediate_retries():
+    """A refused connection is tried once and reported: the SMTP client retries later."""
+    endpoint = FakeEndpoint(failure=error.ConnectionRefusedError())
+    attempts = []
+    connect = endpoint.connect
+    endpoint.connect = lambda factory: attempts.append(factory) or connect(factory)  # type: ignore[method-assign]
+    relay, _, clock = session(endpoint)
+    assert result_of(relay.mail(ENVELOPE)) == replies.UPSTREAM_UNAVAILABLE
+    clock.advance(60)
+    assert len(attempts) == 1
+
+
+def test_regression_client_needs_neither_auth_nor_tls_by_default():
+    """With default settings the client relays over a plain connection without AUTH."""
+    relay, hop, _ = session()
+    mail = relay.mail(Envelope(CLIENT, "a@example.com"))
+    greet(hop, EHLO_PLAIN)
+    hop.expect(b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n")
+    assert result_of(mail).positive
