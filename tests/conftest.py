@@ -146,3 +146,15 @@ def smtp_sinks(tmp_path: Path) -> Iterator[SinkStarter]:
     starter = SinkStarter(tmp_path)
     yield starter
     starter.stop()
+
+
+@pytest.fixture(scope="session")
+def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One clamd for the whole run (see tests/engines.py); tests that stop or stall
+    it should use their own ``Clamd`` instead."""
+    from tests.engines import Clamd
+
+    engine = Clamd(tmp_path_factory.mktemp("clamd"))
+    engine.start()
+    yield engine
+    engine.stop()
