@@ -42,6 +42,7 @@ class Clamd:
             f"LogFile {directory / 'clamd.log'}\n"
             "LogVerbose yes\n"
             + ("User root\n" if os.getuid() == 0 else "")
+            + f"StreamMaxLength {stream_max_length}\n"
             + "MaxThreads 4\n"
             + extra
         )
