@@ -49,7 +49,7 @@ class Table:
 
     def error(self, key: str, problem: str) -> ConfigError:
         where = f"{self.path}.{key}" if self.path else key
-        return ConfigError(f"{self.source}: {where}: {problem}")
+        return ConfigError(f"{self.source}: {where}: {problem}" if self.source else f"{where}: {problem}")
 
     def get(self, key: str, kind: type[T], default: T) -> T:
         self._read.add(key)
@@ -91,6 +91,12 @@ class Table:
         for key in self.data:
             if key not in self._read:
                 raise self.error(key, "unknown key")
+
+
+def options(config: Mapping[str, Any]) -> Table:
+    """A plugin's configuration table, for its builder: errors name the key only,
+    and the registry adds the file and the table."""
+    return Table("", "", dict(config))
 
 
 def _kind_name(kind: type) -> str:

@@ -7,17 +7,16 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from smtpguard import replies
 from smtpguard.envelope import Envelope
 from smtpguard.interfaces import IPolicy, IRelaySession, IScanner
 from smtpguard.replies import Reply
-from smtpguard.results import Action, ErrorKind, ScanResult
+from smtpguard.results import Action, ScanResult
+from smtpguard.scanners.deadline import start_scan, with_deadline
 from smtpguard.spool import Message
 
 log = Logger()
@@ -55,17 +54,8 @@ class Pipeline:
         self._scan_timeout = scan_timeout
 
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
-        def failed(failure: Failure) -> ScanResult:
-            if failure.check(defer.TimeoutError, defer.CancelledError):
-                return ScanResult.failed(ErrorKind.TIMEOUT, "scan deadline exceeded", self._scanner.name)
-            log.failure("scanner {name} raised", failure, name=self._scanner.name)
-            return ScanResult.failed(ErrorKind.OTHER, failure.getErrorMessage(), self._scanner.name)
-
-        try:
-            scanning = self._scanner.scan(message, envelope)
-        except Exception:
-            return defer.succeed(failed(Failure()))
-        return scanning.addTimeout(self._scan_timeout, self._reactor).addErrback(failed)
+        scanning = start_scan(self._scanner.scan, message, envelope)
+        return with_deadline(scanning, self._scan_timeout, self._reactor, self._scanner.name)
 
     def process(
         self, envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str

@@ -85,6 +85,9 @@ class ESMTPServer(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)  # replies are small writes: never wait for a delayed ACK
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         host = self.transport.getHost()  # type: ignore[union-attr]
         self._client = Client(

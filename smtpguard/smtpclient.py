@@ -82,6 +82,11 @@ class SMTPClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        # Commands and the end of data are small writes that must not wait for
+        # the peer's delayed ACK (Nagle).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data

@@ -177,14 +177,18 @@ class UpstreamSession:
     def mail(self, envelope: Envelope) -> Deferred[Reply]:
         async def steps() -> Reply:
             await self._connect()
-            offered = self.extensions.get("XFORWARD")
-            if self._settings.xforward and offered is not None and (line := _xforward(envelope.client, offered)):
-                reply = await self._command(line)
-                if reply.code != 250:
-                    log.warn("next hop refused XFORWARD: {reply}", reply=reply)
             if not envelope.sender.isascii() and "SMTPUTF8" not in self.extensions:
                 return replies.NEXT_HOP_NO_SMTPUTF8
-            reply = await self._command("MAIL " + mail_arguments(envelope.sender, envelope.parameters, self.extensions))
+            offered = self.extensions.get("XFORWARD")
+            xforward = None
+            if self._settings.xforward and offered is not None and (line := _xforward(envelope.client, offered)):
+                xforward = self._command(line)
+                if "PIPELINING" not in self.extensions:
+                    await xforward
+            mail = self._command("MAIL " + mail_arguments(envelope.sender, envelope.parameters, self.extensions))
+            if xforward is not None and (refused := await xforward).code != 250:
+                log.warn("next hop refused XFORWARD: {reply}", reply=refused)
+            reply = await mail
             self._in_transaction = reply.code == 250
             return reply
 

@@ -83,11 +83,14 @@ def dot_stuff(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Encode a stored message (CRLF line endings) for DATA, including the final
     ``.`` line.  Works on chunks of any size and boundary."""
     at_line_start = True
-    last = b"\n"
+    previous = b""
     for chunk in chunks:
         if not chunk:
             continue
-        yield _stuff(chunk, at_line_start)
+        if previous:
+            yield previous
+        previous = _stuff(chunk, at_line_start)
         at_line_start = chunk.endswith(b"\n")
-        last = chunk[-1:]
-    yield b".\r\n" if last == b"\n" else b"\r\n.\r\n"
+    # The terminator goes out with the last chunk: a separate tiny write would
+    # wait for the peer's delayed ACK.
+    yield previous + (b".\r\n" if at_line_start else b"\r\n.\r\n")

@@ -303,7 +303,7 @@ def test_send_data_source_error():
 
     sent, _ = protocol.send_data(chunks())
     produce(transport)
-    assert transport.value() == b"first\r\n"
+    assert transport.value() == b""  # the first chunk waits to go out with the next
     assert failure_of(sent).value.args == ("disk gone",)
 
 
@@ -427,10 +427,10 @@ def test_full_transaction_command_sequence():
     mail = relay.mail(ENVELOPE)
     greet(hop)
     hop.expect(
-        b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1 PORT=4321 PROTO=ESMTP HELO=client.example\r\n",
-        b"250 2.0.0 Ok\r\n",
+        b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1 PORT=4321 PROTO=ESMTP HELO=client.example\r\n"
+        b"MAIL FROM:<a@example.com> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=ID1\r\n",
+        b"250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n",
     )
-    hop.expect(b"MAIL FROM:<a@example.com> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=ID1\r\n", b"250 2.1.0 Ok\r\n")
     assert result_of(mail) == Reply(250, "2.1.0", "Ok")
     rcpt = relay.rcpt(RECIPIENT)
     hop.expect(b"RCPT TO:<b@example.com> NOTIFY=FAILURE\r\n", b"250 2.1.5 Ok\r\n")
@@ -485,9 +485,19 @@ def test_xforward_refused_then_mail_sent():
     mail = relay.mail(Envelope(CLIENT, "a@example.com"))
     greet(hop)
     hop.expect(
-        b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1 PORT=4321 PROTO=ESMTP HELO=client.example\r\n",
-        b"550 5.7.1 XFORWARD not permitted\r\n",
+        b"XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.1 PORT=4321 PROTO=ESMTP HELO=client.example\r\n"
+        b"MAIL FROM:<a@example.com>\r\n",
+        b"550 5.7.1 XFORWARD not permitted\r\n250 2.1.0 Ok\r\n",
     )
+    assert result_of(mail) == Reply(250, "2.1.0", "Ok")
+
+
+def test_xforward_waits_for_its_reply_without_pipelining():
+    """Without PIPELINING, MAIL goes out only after the reply to XFORWARD."""
+    relay, hop, _ = session()
+    mail = relay.mail(Envelope(CLIENT, "a@example.com"))
+    greet(hop, b"250-mx.example\r\n250 XFORWARD ADDR\r\n")
+    hop.expect(b"XFORWARD ADDR=192.0.2.1\r\n", b"250 2.0.0 Ok\r\n")
     hop.expect(b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n")
     assert result_of(mail) == Reply(250, "2.1.0", "Ok")
 
