@@ -4,6 +4,7 @@ temporary file, so memory stays bounded whatever the message size."""
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 from collections.abc import Iterator
 from typing import IO
@@ -24,10 +25,21 @@ class Message:
         self.size = size
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """The whole message, from the start, in chunks of at most ``chunk_size``."""
-        self._body.seek(0)
-        while chunk := self._body.read(chunk_size):
+        """The whole message, from the start, in chunks of at most ``chunk_size``.
+
+        Each iterator keeps its own position, so several readers (scanners
+        running side by side, in threads too) never disturb each other.
+        """
+        for offset in range(0, self.size, chunk_size):
+            chunk = self._read_at(offset, min(chunk_size, self.size - offset))
+            if not chunk:
+                return
             yield chunk
+
+    def _read_at(self, offset: int, size: int) -> bytes:
+        if isinstance(self._body, io.BytesIO):
+            return self._body.getbuffer()[offset : offset + size].tobytes()
+        return os.pread(self._body.fileno(), size, offset)
 
     def isascii(self) -> bool:
         """Whether the message is 7-bit (RFC 6152: else the next hop needs 8BITMIME)."""
@@ -39,8 +51,7 @@ class Message:
 
     def headers(self, limit: int = 1024 * 1024) -> bytes:
         """The header block, up to and including the empty line (or ``limit`` bytes)."""
-        self._body.seek(0)
-        head = self._body.read(limit)
+        head = self._read_at(0, min(limit, self.size))
         end = head.find(b"\r\n\r\n")
         if head.startswith(b"\r\n"):
             return b"\r\n"
