@@ -18,7 +18,7 @@ setup(
         "pyOpenSSL>=24",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "setuptools>=70.1", "wheel"],
         "dev": ["mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["smtpguard = smtpguard.cli:main"]},

@@ -25,6 +25,36 @@ def check_config(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def scan(arguments: argparse.Namespace) -> int:
+    """Scan message files with the configured scanners, like clamdscan: exit 0 when
+    all are clean, 1 when any is infected, 2 when any could not be scanned (and
+    none is infected)."""
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred, succeed
+
+    from smtpguard.scanfiles import EXIT_ERROR, load_config, scan_files
+    from smtpguard.tap import build_scanners
+
+    status = [EXIT_ERROR]
+
+    def run(reactor: Any) -> Deferred[None]:
+        try:
+            loaded = load_config(arguments.config, arguments.scanner)
+            scanner = build_scanners(loaded, reactor)
+        except ConfigError as error:
+            print(f"smtpguard: {error}", file=sys.stderr)
+            return succeed(None)
+        scanning = scan_files(reactor, scanner, loaded.scan_timeout, arguments.files, sys.stdout)
+        return Deferred.fromCoroutine(scanning).addCallback(lambda code: status.__setitem__(0, code))
+
+    try:
+        task.react(run)
+    except SystemExit as exit_:
+        if exit_.code:
+            return EXIT_ERROR
+    return status[0]
+
+
 def capture(arguments: argparse.Namespace) -> int:
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
@@ -52,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     checking = commands.add_parser("check-config", help="validate a configuration file and the plugins it names")
     checking.add_argument("file")
     checking.set_defaults(run=check_config)
+    scanning = commands.add_parser("scan", help="scan message files (.eml) and print a verdict for each")
+    scanning.add_argument("files", nargs="+", metavar="FILE")
+    scanning.add_argument("-c", "--config", help="take the [[scanners]] of this configuration file")
+    scanning.add_argument("-s", "--scanner", action="append", help="scan with this (as twistd smtpguard --scanner)")
+    scanning.set_defaults(run=scan)
     capturing = commands.add_parser("capture", help="run an SMTP server that stores what it receives in a folder")
     capturing.add_argument(
         "--listen", default="tcp:10026:interface=127.0.0.1", help="server endpoint (default: %(default)s)"

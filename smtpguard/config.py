@@ -41,7 +41,8 @@ class Table:
 
     def __init__(self, source: str, path: str, data: Any) -> None:
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: [{path}] must be a table")
+            where = f"{source}: {path}" if source else path
+            raise ConfigError(f"{where}: must be a table")
         self.source = source
         self.path = path
         self.data: dict[str, Any] = data
@@ -82,6 +83,11 @@ class Table:
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise self.error(key, f"expected a list of strings, got {value!r}")
         return tuple(value)
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        """The value as TOML gave it, for the caller to check."""
+        self._read.add(key)
+        return self.data.get(key, default)
 
     def table(self, key: str) -> Table:
         self._read.add(key)

@@ -16,7 +16,7 @@ from smtpguard.envelope import Envelope
 from smtpguard.interfaces import IPolicy, IRelaySession, IScanner
 from smtpguard.replies import Reply
 from smtpguard.results import Action, ScanResult
-from smtpguard.scanners.deadline import start_scan, with_deadline
+from smtpguard.scanners.deadline import scan_safely, with_deadline
 from smtpguard.spool import Message
 
 log = Logger()
@@ -54,7 +54,7 @@ class Pipeline:
         self._scan_timeout = scan_timeout
 
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
-        scanning = start_scan(self._scanner.scan, message, envelope)
+        scanning = scan_safely(self._scanner, message, envelope)
         return with_deadline(scanning, self._scan_timeout, self._reactor, self._scanner.name)
 
     def process(

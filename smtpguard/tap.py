@@ -93,16 +93,18 @@ def server_tls(config: Config) -> Any:
         raise ConfigError(f"{config.source}: server.tls_certificate: cannot load: {error}") from None
 
 
+def build_scanners(config: Config, reactor: Any) -> AllScanners:
+    """The configured ``[[scanners]]``, all of which scan every message."""
+    where = f"{config.source}: scanners"
+    return AllScanners([build_scanner(table, reactor, f"{where}[{i}]") for i, table in enumerate(config.scanners)])
+
+
 def build_factory(config: Config, reactor: Any) -> GuardFactory:
     """The listening factory for ``config``: scanners, policy and next hop wired."""
     import attrs
 
-    scanners = [
-        build_scanner(table, reactor, f"{config.source}: scanners[{index}]")
-        for index, table in enumerate(config.scanners)
-    ]
     policy = build_policy(config.policy, f"{config.source}: policy")
-    pipeline = Pipeline(reactor, AllScanners(scanners), policy, config.scan_timeout)
+    pipeline = Pipeline(reactor, build_scanners(config, reactor), policy, config.scan_timeout)
     settings = attrs.evolve(config.server, tls=server_tls(config))
     return GuardFactory(reactor, Upstream(reactor, config.upstream), pipeline.process, settings)
 

@@ -21,7 +21,7 @@ _TERMINATOR = b"\r\n.\r\n"
 _HOLD_LIMIT = 64 * 1024
 
 
-def _normalise(data: bytes) -> bytes:
+def normalise_line_endings(data: bytes) -> bytes:
     crlf = data.count(b"\r\n")
     if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
         return data
@@ -71,7 +71,7 @@ class DataReader:
         at_line_start, self._at_line_start = self._at_line_start, data.endswith(b"\r\n")
         if at_line_start and data.startswith(b"."):
             data = data[1:]
-        self._sink(_normalise(data.replace(b"\r\n.", b"\r\n")))
+        self._sink(normalise_line_endings(data.replace(b"\r\n.", b"\r\n")))
 
 
 def _stuff(chunk: bytes, at_line_start: bool) -> bytes:

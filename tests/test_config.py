@@ -187,7 +187,7 @@ def test_empty_listen():
 
 def test_table_not_a_table():
     """A table given as a scalar is named."""
-    assert error_of(with_values(server=5)) == f"{SOURCE}: [server] must be a table"
+    assert error_of(with_values(server=5)) == f"{SOURCE}: server: must be a table"
 
 
 def test_unknown_key_in_server():
@@ -251,7 +251,7 @@ def test_second_scanner_without_type():
 
 def test_scanner_not_a_table():
     """A scanner that is not a table is named by index."""
-    assert error_of(with_values(scanners=["builtin"])) == f"{SOURCE}: [scanners[0]] must be a table"
+    assert error_of(with_values(scanners=["builtin"])) == f"{SOURCE}: scanners[0]: must be a table"
 
 
 def test_certificate_without_key():

@@ -1,5 +1,5 @@
-"""A hard deadline for a scan: past it the result is a ``timeout`` error, whatever
-the engine is doing."""
+"""Scans that always end in a verdict: a hard deadline, and no exception that
+could let a message through unscanned."""
 
 from __future__ import annotations
 
@@ -10,9 +10,19 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from smtpguard.envelope import Envelope
+from smtpguard.interfaces import IScanner
 from smtpguard.results import ErrorKind, ScanResult
+from smtpguard.spool import Message
 
 log = Logger()
+
+
+def _as_error(failure: Failure, scanner: str, seconds: float | None = None) -> ScanResult:
+    if seconds is not None and failure.check(defer.TimeoutError, defer.CancelledError):
+        return ScanResult.failed(ErrorKind.TIMEOUT, f"no verdict within {seconds:g} s", scanner)
+    log.failure("scanner {name} failed", failure, name=scanner)
+    return ScanResult.failed(ErrorKind.OTHER, failure.getErrorMessage(), scanner)
 
 
 def with_deadline(scanning: Deferred[ScanResult], seconds: float, reactor: Any, scanner: str) -> Deferred[ScanResult]:
@@ -22,20 +32,14 @@ def with_deadline(scanning: Deferred[ScanResult], seconds: float, reactor: Any, 
     (a bug in a scanner) is logged and becomes ``ErrorKind.OTHER``, so a broken
     scanner can never let a message through as clean.
     """
-
-    def failed(failure: Failure) -> ScanResult:
-        if failure.check(defer.TimeoutError, defer.CancelledError):
-            return ScanResult.failed(ErrorKind.TIMEOUT, f"no verdict within {seconds:g} s", scanner)
-        log.failure("scanner {name} failed", failure, name=scanner)
-        return ScanResult.failed(ErrorKind.OTHER, failure.getErrorMessage(), scanner)
-
-    return scanning.addTimeout(seconds, reactor).addErrback(failed)
+    return scanning.addTimeout(seconds, reactor).addErrback(_as_error, scanner, seconds)
 
 
-def start_scan(scan: Any, *arguments: Any) -> Deferred[ScanResult]:
-    """Call ``scan(*arguments)``; a synchronous exception becomes a failed Deferred."""
+def scan_safely(scanner: IScanner, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
+    """``scanner.scan(message, envelope)``, with any exception, raised or in the
+    Deferred, turned into an ``ErrorKind.OTHER`` result."""
     try:
-        result: Deferred[ScanResult] = scan(*arguments)
+        scanning: Deferred[ScanResult] = scanner.scan(message, envelope)
     except Exception:
-        return defer.fail()
-    return result
+        return defer.succeed(_as_error(Failure(), scanner.name))
+    return scanning.addErrback(_as_error, scanner.name)
