@@ -18,11 +18,17 @@ from smtpguard.spool import Message
 log = Logger()
 
 
-def _as_error(failure: Failure, scanner: str, seconds: float | None = None) -> ScanResult:
-    if seconds is not None and failure.check(defer.TimeoutError, defer.CancelledError):
-        return ScanResult.failed(ErrorKind.TIMEOUT, f"no verdict within {seconds:g} s", scanner)
+def _as_error(failure: Failure, scanner: str) -> ScanResult:
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        failure.raiseException()  # cancelled by a deadline further out, which reports it
     log.failure("scanner {name} failed", failure, name=scanner)
     return ScanResult.failed(ErrorKind.OTHER, failure.getErrorMessage(), scanner)
+
+
+def _timed_out(failure: Failure, scanner: str, seconds: float) -> ScanResult:
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        return ScanResult.failed(ErrorKind.TIMEOUT, f"no verdict within {seconds:g} s", scanner)
+    return _as_error(failure, scanner)
 
 
 def with_deadline(scanning: Deferred[ScanResult], seconds: float, reactor: Any, scanner: str) -> Deferred[ScanResult]:
@@ -32,7 +38,7 @@ def with_deadline(scanning: Deferred[ScanResult], seconds: float, reactor: Any, 
     (a bug in a scanner) is logged and becomes ``ErrorKind.OTHER``, so a broken
     scanner can never let a message through as clean.
     """
-    return scanning.addTimeout(seconds, reactor).addErrback(_as_error, scanner, seconds)
+    return scanning.addTimeout(seconds, reactor).addErrback(_timed_out, scanner, seconds)
 
 
 def scan_safely(scanner: IScanner, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
