@@ -164,7 +164,11 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         xforward=upstream.get("xforward", bool, True),
         timeout=upstream.positive("timeout", float, 300.0),
         connect_timeout=upstream.positive("connect_timeout", float, 30.0),
+        keep_connections=upstream.get("keep_connections", int, 10),
+        keep_time=upstream.positive("keep_time", float, 5.0),
     )
+    if upstream_settings.keep_connections < 0:
+        raise upstream.error("keep_connections", "must be 0 or more")
     upstream.check_unknown()
 
     root._read.add("scanners")

@@ -16,7 +16,7 @@ import attrs
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,6 +48,8 @@ class UpstreamSettings:
     xforward: bool = True
     timeout: float = 300.0
     connect_timeout: float = 30.0
+    keep_connections: int = 10  # idle connections kept for the next client sessions
+    keep_time: float = 5.0
 
 
 class _Failed(Exception):
@@ -97,10 +99,17 @@ class UpstreamSession:
     """One client session's connection to the next hop, opened at the first MAIL
     and kept for the following transactions."""
 
-    def __init__(self, reactor: IReactorTime, endpoint: IStreamClientEndpoint, settings: UpstreamSettings) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        endpoint: IStreamClientEndpoint,
+        settings: UpstreamSettings,
+        pool: KeptConnections | None = None,
+    ) -> None:
         self._reactor = reactor
         self._endpoint = endpoint
         self._settings = settings
+        self._pool = pool
         self._protocol: SMTPClientProtocol | None = None
         self._in_transaction = False
 
@@ -124,9 +133,13 @@ class UpstreamSession:
 
         return waiting.addTimeout(timeout or self._settings.timeout, self._reactor, on_timeout)  # type: ignore[arg-type]
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> bool:
+        """Make sure there is a connection; True if it was kept from an earlier session."""
         if self._protocol is not None and self._protocol.connected_:
-            return
+            return False
+        self._protocol = self._pool.take() if self._pool is not None else None
+        if self._protocol is not None:
+            return True
         factory = Factory.forProtocol(SMTPClientProtocol)
         factory.noisy = False
         connecting = self._endpoint.connect(factory)
@@ -147,6 +160,7 @@ class UpstreamSession:
             elif self._settings.tls is UpstreamTLS.REQUIRED:
                 log.warn("next hop offers no STARTTLS but tls = required")
                 raise _Failed(replies.UPSTREAM_UNAVAILABLE)
+        return False
 
     async def _hello(self) -> None:
         assert self._protocol is not None
@@ -176,23 +190,33 @@ class UpstreamSession:
 
     def mail(self, envelope: Envelope) -> Deferred[Reply]:
         async def steps() -> Reply:
-            await self._connect()
-            if not envelope.sender.isascii() and "SMTPUTF8" not in self.extensions:
-                return replies.NEXT_HOP_NO_SMTPUTF8
-            offered = self.extensions.get("XFORWARD")
-            xforward = None
-            if self._settings.xforward and offered is not None and (line := _xforward(envelope.client, offered)):
-                xforward = self._command(line)
-                if "PIPELINING" not in self.extensions:
-                    await xforward
-            mail = self._command("MAIL " + mail_arguments(envelope.sender, envelope.parameters, self.extensions))
-            if xforward is not None and (refused := await xforward).code != 250:
-                log.warn("next hop refused XFORWARD: {reply}", reply=refused)
-            reply = await mail
-            self._in_transaction = reply.code == 250
-            return reply
+            if await self._connect():
+                try:
+                    return await self._mail(envelope)
+                except (error.ConnectionDone, error.ConnectionLost):
+                    # The next hop closed the kept connection meanwhile: once
+                    # more, on a new one.
+                    self._drop()
+                    await self._connect()
+            return await self._mail(envelope)
 
         return self._run(steps())
+
+    async def _mail(self, envelope: Envelope) -> Reply:
+        if not envelope.sender.isascii() and "SMTPUTF8" not in self.extensions:
+            return replies.NEXT_HOP_NO_SMTPUTF8
+        offered = self.extensions.get("XFORWARD")
+        xforward = None
+        if self._settings.xforward and offered is not None and (line := _xforward(envelope.client, offered)):
+            xforward = self._command(line)
+            if "PIPELINING" not in self.extensions:
+                await xforward
+        mail = self._command("MAIL " + mail_arguments(envelope.sender, envelope.parameters, self.extensions))
+        if xforward is not None and (refused := await xforward).code != 250:
+            log.warn("next hop refused XFORWARD: {reply}", reply=refused)
+        reply = await mail
+        self._in_transaction = reply.code == 250
+        return reply
 
     def rcpt(self, recipient: Recipient) -> Deferred[Reply]:
         async def steps() -> Reply:
@@ -236,9 +260,12 @@ class UpstreamSession:
 
     def close(self) -> None:
         protocol, self._protocol = self._protocol, None
-        if protocol is not None and protocol.connected_:
-            protocol.command("QUIT").addErrback(lambda _: None)
-            self._reactor.callLater(0, protocol.transport.loseConnection)  # type: ignore[union-attr]
+        if protocol is None or not protocol.connected_:
+            return
+        if self._pool is not None and not self._in_transaction:
+            self._pool.give(protocol)
+        else:
+            _quit(protocol)
 
     def _abandon_data(self, failure: Failure) -> None:
         log.warn("sending to the next hop stopped: {why}", why=failure.getErrorMessage())
@@ -249,6 +276,54 @@ class UpstreamSession:
         self._in_transaction = False
         if protocol is not None and protocol.transport is not None:
             protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def _quit(protocol: SMTPClientProtocol) -> None:
+    protocol.command("QUIT").addErrback(lambda _: None)
+    protocol.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class KeptConnections:
+    """Next-hop connections kept open between client sessions, as Postfix's
+    connection cache does: a new client session skips the connect, greeting,
+    EHLO (and STARTTLS) of its own.  At most ``size`` are kept, each for at most
+    ``idle_time`` seconds."""
+
+    def __init__(self, reactor: IReactorTime, size: int, idle_time: float) -> None:
+        self._reactor = reactor
+        self._size = size
+        self._idle_time = idle_time
+        self._kept: list[tuple[SMTPClientProtocol, IDelayedCall]] = []
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def take(self) -> SMTPClientProtocol | None:
+        while self._kept:
+            protocol, expiry = self._kept.pop()
+            expiry.cancel()
+            if protocol.connected_:
+                return protocol
+        return None
+
+    def give(self, protocol: SMTPClientProtocol) -> None:
+        if len(self._kept) >= self._size:
+            _quit(protocol)
+            return
+        expiry = self._reactor.callLater(self._idle_time, self._expire, protocol)
+        self._kept.append((protocol, expiry))
+
+    def _expire(self, protocol: SMTPClientProtocol) -> None:
+        self._kept = [(kept, expiry) for kept, expiry in self._kept if kept is not protocol]
+        if protocol.connected_:
+            _quit(protocol)
+
+    def close(self) -> None:
+        kept, self._kept = self._kept, []
+        for protocol, expiry in kept:
+            expiry.cancel()
+            if protocol.connected_:
+                _quit(protocol)
 
 
 async def _reset(session: UpstreamSession) -> Reply:
@@ -269,6 +344,8 @@ class Upstream:
         self._reactor = reactor
         self._settings = settings
         self._endpoint = clientFromString(reactor, settings.endpoint)
+        self.kept = KeptConnections(reactor, settings.keep_connections, settings.keep_time)
+        self._pool = self.kept if settings.keep_connections else None
 
     def session(self) -> UpstreamSession:
-        return UpstreamSession(self._reactor, self._endpoint, self._settings)
+        return UpstreamSession(self._reactor, self._endpoint, self._settings, self._pool)

@@ -28,7 +28,7 @@ from smtpguard.interfaces import IRelaySession
 from smtpguard.replies import Reply
 from smtpguard.smtpclient import MAX_REPLY_LINE, ProtocolViolation, SMTPClientProtocol, parse_extensions
 from smtpguard.spool import Spool
-from smtpguard.upstream import UpstreamSession, UpstreamSettings, UpstreamTLS
+from smtpguard.upstream import KeptConnections, UpstreamSession, UpstreamSettings, UpstreamTLS
 from smtpguard.wire import dot_stuff
 
 # -- helpers --------------------------------------------------------------------------
@@ -719,13 +719,92 @@ def test_reset_outside_transaction_sends_nothing():
 
 
 def test_close_sends_quit_and_closes():
-    """close() sends QUIT and closes the connection on the next turn."""
-    relay, hop, clock = started()
+    """close() without a pool sends QUIT and closes the connection."""
+    relay, hop, _ = started()
     relay.close()
     assert hop.transport.value() == b"QUIT\r\n"
-    assert hop.transport.disconnecting is False
-    clock.advance(0)
     assert hop.transport.disconnecting is True
+
+
+# -- kept connections -------------------------------------------------------------------
+
+
+def pooled(size: int = 2, keep_time: float = 5.0):
+    endpoint = FakeEndpoint()
+    clock = Clock()
+    settings = UpstreamSettings("tcp:127.0.0.1:10026", hostname="guard.example", timeout=10.0)
+    pool = KeptConnections(clock, size, keep_time)
+    return (lambda: UpstreamSession(clock, endpoint, settings, pool)), NextHop(endpoint), pool, clock
+
+
+def finish_transaction(relay: UpstreamSession, hop: NextHop) -> None:
+    relay.rcpt(Recipient("b@example.com"))
+    hop.expect(b"RCPT TO:<b@example.com>\r\n", b"250 2.1.5 Ok\r\n")
+    data = relay.data(message(b"x\r\n"), b"")
+    hop.expect(b"DATA\r\n", b"354 go ahead\r\n")
+    produce(hop.transport)
+    hop.expect(b"x\r\n.\r\n", b"250 2.0.0 Ok\r\n")
+    assert result_of(data).positive
+
+
+def test_kept_connection_serves_the_next_session():
+    """A finished session's connection is kept, and the next session sends MAIL on it at once."""
+    new_session, hop, pool, _ = pooled()
+    first = new_session()
+    first.mail(Envelope(CLIENT, "a@example.com"))
+    greet(hop, EHLO_PLAIN)
+    hop.expect(b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n")
+    finish_transaction(first, hop)
+    first.close()
+    assert (hop.transport.value(), len(pool)) == (b"", 1)
+    second = new_session()
+    mail = second.mail(Envelope(CLIENT, "c@example.com"))
+    hop.expect(b"MAIL FROM:<c@example.com>\r\n", b"250 2.1.0 Ok\r\n")
+    assert result_of(mail).positive
+    assert len(hop.endpoint.protocols) == 1
+
+
+def test_kept_connection_expires():
+    """A kept connection is closed with QUIT after keep_time."""
+    new_session, hop, pool, clock = pooled(keep_time=5.0)
+    relay = new_session()
+    relay.mail(Envelope(CLIENT, "a@example.com"))
+    greet(hop, EHLO_PLAIN)
+    hop.expect(b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n")
+    finish_transaction(relay, hop)
+    relay.close()
+    clock.advance(5.0)
+    assert (hop.transport.value(), hop.transport.disconnecting, len(pool)) == (b"QUIT\r\n", True, 0)
+
+
+def test_connection_in_a_transaction_is_not_kept():
+    """A session closed in the middle of a transaction quits instead of being kept."""
+    new_session, hop, pool, _ = pooled()
+    relay = new_session()
+    relay.mail(Envelope(CLIENT, "a@example.com"))
+    greet(hop, EHLO_PLAIN)
+    hop.expect(b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n")
+    relay.close()
+    assert (hop.transport.value(), len(pool)) == (b"QUIT\r\n", 0)
+
+
+def test_kept_connection_closed_by_the_next_hop_is_replaced():
+    """When the next hop closes a kept connection as MAIL goes out, MAIL is tried once more on a new one."""
+    new_session, hop, _, _ = pooled()
+    first = new_session()
+    first.mail(Envelope(CLIENT, "a@example.com"))
+    greet(hop, EHLO_PLAIN)
+    hop.expect(b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n")
+    finish_transaction(first, hop)
+    first.close()
+    second = new_session()
+    mail = second.mail(Envelope(CLIENT, "c@example.com"))
+    hop.expect(b"MAIL FROM:<c@example.com>\r\n", None)
+    hop.endpoint.protocols[-1].connectionLost(Failure(error.ConnectionDone()))
+    assert len(hop.endpoint.protocols) == 2
+    greet(hop, EHLO_PLAIN)
+    hop.expect(b"MAIL FROM:<c@example.com>\r\n", b"250 2.1.0 Ok\r\n")
+    assert result_of(mail).positive
 
 
 # -- regressions: the twisted.mail client defects of the project notes ------------------
