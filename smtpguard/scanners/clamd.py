@@ -1,0 +1,366 @@
+"""The clamd scanner: streams each message to ClamAV's clamd with INSTREAM, over one
+or more client endpoints used in turn, with failover and PING health checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smtpguard.envelope import Envelope
+from smtpguard.interfaces import IScanner
+from smtpguard.results import ErrorKind, ScanResult
+from smtpguard.scanners import clamd_protocol as wire
+from smtpguard.scanners.deadline import with_deadline
+from smtpguard.spool import Message
+
+log = Logger()
+
+# Bigger chunks mean fewer writes and reactor turns per message; clamd copies each
+# to its temporary file as it arrives, so their size costs it no memory.
+CHUNK_SIZE = 256 * 1024
+
+
+@attrs.frozen
+class ClamdSettings:
+    timeout: float = 60.0
+    stream_max_length: int = wire.DEFAULT_STREAM_MAX_LENGTH
+    health_check_interval: float = 10.0
+    chunk_size: int = CHUNK_SIZE
+
+
+@attrs.define(eq=False)
+class EndpointState:
+    """One clamd address and what we know about it."""
+
+    description: str
+    endpoint: IStreamClientEndpoint
+    up: bool = True
+    last_error: str = ""
+    # The smallest message clamd answered "INSTREAM size limit exceeded" for: its
+    # StreamMaxLength is below that, so no message this big is sent there again
+    # (until the endpoint has been down and back, perhaps with a new clamd.conf).
+    refused_at: int | None = None
+    scans: int = 0
+    failures: int = 0
+    ping: Deferred[Any] | None = None
+    waiting: list[Deferred[None]] = attrs.Factory(list)
+
+
+class _OneShotFactory(Factory):
+    """connectProtocol's factory, quiet: no "Starting factory" log line per scan."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
+
+
+def _connect(endpoint: IStreamClientEndpoint, protocol: Protocol) -> Deferred[Any]:
+    return endpoint.connect(_OneShotFactory(protocol))
+
+
+@attrs.frozen
+class Received:
+    """How an INSTREAM conversation ended: what clamd said, or why we gave up."""
+
+    reply: bytes = b""
+    problem: str = ""
+
+
+@implementer(IPullProducer)
+class _Chunks:
+    """Writes the message as INSTREAM chunks, one each time the transport has sent
+    the previous one; the zero-length chunk goes with the last (so a small message
+    leaves in a single write, together with the command)."""
+
+    def __init__(self, protocol: InstreamProtocol, chunks: Iterator[bytes]) -> None:
+        self._protocol = protocol
+        self._chunks: Iterator[bytes] | None = chunks
+        self._ahead: bytes | None = None
+        self._started = False
+
+    def resumeProducing(self) -> None:
+        if self._chunks is None:
+            return
+        transport = self._protocol.transport
+        assert transport is not None
+        try:
+            chunk = self._ahead if self._started else next(self._chunks, None)
+            self._started = True
+            # Reading one ahead tells whether this chunk is the last.
+            self._ahead = None if chunk is None else next(self._chunks, None)
+        except (OSError, ValueError) as error:  # ValueError: the message was closed
+            self.stopProducing()
+            self._protocol.give_up(f"cannot read the message: {error}")
+            return
+        pieces = [] if chunk is None else [wire.chunk_header(len(chunk)), chunk]
+        if self._ahead is None:
+            self.stopProducing()
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+            pieces.append(wire.END_OF_STREAM)
+        transport.writeSequence(pieces)
+
+    def pauseProducing(self) -> None:
+        """Pull producers are never paused."""
+
+    def stopProducing(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None:
+            getattr(chunks, "close", lambda: None)()
+
+
+class InstreamProtocol(Protocol):
+    """One ``zINSTREAM`` scan: sends the message and collects everything clamd says
+    until it closes the connection (which it does after an INSTREAM reply outside
+    an IDSESSION). ``done`` fires with a :class:`Received`; cancelling it aborts
+    the connection."""
+
+    def __init__(self, message: Message, chunk_size: int) -> None:
+        self._message = message
+        self._chunk_size = chunk_size
+        self._reply = bytearray()
+        self._producer: _Chunks | None = None
+        self.done: Deferred[Received] = Deferred(self._cancel)
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(wire.INSTREAM)
+        self._producer = _Chunks(self, self._message.chunks(self._chunk_size))
+        self.transport.registerProducer(self._producer, False)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._reply += data
+        if len(self._reply) > wire.MAX_REPLY:
+            self.give_up(f"reply longer than {wire.MAX_REPLY} bytes")
+
+    def give_up(self, problem: str) -> None:
+        self._finish(Received(problem=problem))
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
+        if self._producer is not None:
+            self._producer.stopProducing()
+        self._finish(Received(reply=bytes(self._reply)))
+
+    def _finish(self, received: Received) -> None:
+        if not self.done.called:
+            self.done.callback(received)
+
+    def _cancel(self, done: Deferred[Received]) -> None:
+        if self._producer is not None:
+            self._producer.stopProducing()
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class PingProtocol(Protocol):
+    """``zPING``: ``done`` fires with True when clamd answers ``PONG``."""
+
+    def __init__(self) -> None:
+        self._reply = b""
+        self.done: Deferred[bool] = Deferred(self._cancel)
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(wire.PING)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._reply += data
+        if b"\0" in self._reply or len(self._reply) > len(wire.PONG) + 1:
+            if not self.done.called:
+                self.done.callback(self._reply.split(b"\0")[0] == wire.PONG)
+            assert self.transport is not None
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
+        if not self.done.called:
+            self.done.callback(False)
+
+    def _cancel(self, done: Deferred[bool]) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+@implementer(IScanner)
+class ClamdScanner:
+    """Scans with clamd at ``endpoints`` (descriptions and Twisted client endpoints).
+
+    Each scan uses the next endpoint that is up, in turn; one that cannot be
+    reached, answers nothing or misses the deadline is marked down and the next
+    one is tried (only for failures to connect: a message is never sent twice).
+    Endpoints marked down are PINGed every ``health_check_interval`` seconds, or
+    at once when a scan finds none up, and used again once they answer PONG.
+    """
+
+    name = "clamd"
+
+    def __init__(
+        self, reactor: Any, endpoints: Sequence[tuple[str, IStreamClientEndpoint]], settings: ClamdSettings
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one clamd endpoint is needed")
+        self._reactor = reactor
+        self._settings = settings
+        self.endpoints = tuple(EndpointState(description, endpoint) for description, endpoint in endpoints)
+        self._turn = 0
+        self._timer: IDelayedCall | None = None
+        self._stopped = False
+
+    def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
+        scanning = Deferred.fromCoroutine(self._scan(message))
+        return with_deadline(scanning, self._settings.timeout, self._reactor, self.name)
+
+    async def _scan(self, message: Message) -> ScanResult:
+        limit = self._settings.stream_max_length
+        if message.size > limit:
+            return self._failed(ErrorKind.CONTENT_SIZE, f"{message.size} bytes, more than stream_max_length ({limit})")
+        live = self._in_turn()
+        if not live:
+            # A Deferred of our own: cancelling the scan ends the wait, not the PINGs.
+            checked: Deferred[None] = Deferred()
+            self.check_health().addCallback(_fire, checked)
+            await checked
+            live = self._in_turn()
+        fitting = [state for state in live if state.refused_at is None or message.size < state.refused_at]
+        if live and not fitting:
+            smallest = min(state.refused_at or 0 for state in live)
+            return self._failed(ErrorKind.CONTENT_SIZE, f"clamd's StreamMaxLength is below {smallest} bytes")
+        for state in fitting:
+            protocol = InstreamProtocol(message, self._settings.chunk_size)
+            try:
+                await _connect(state.endpoint, protocol)
+            except (CancelledError, ConnectingCancelledError):
+                self._mark_down(state, "not connected before the deadline")
+                raise CancelledError() from None
+            except Exception as error:
+                self._mark_down(state, str(error))
+                continue
+            state.scans += 1
+            try:
+                received = await protocol.done
+            except CancelledError:
+                self._mark_down(state, "no reply before the deadline")
+                raise
+            return self._result(state, message, received)
+        return self._failed(ErrorKind.ENGINE_NOT_READY, self._unavailable())
+
+    def _result(self, state: EndpointState, message: Message, received: Received) -> ScanResult:
+        if received.problem:
+            return self._failed(ErrorKind.OTHER, received.problem)
+        reply = wire.split_reply(received.reply)
+        if not reply.lines and not reply.rest:
+            self._mark_down(state, "connection closed without a reply")
+        if any(line.startswith("INSTREAM size limit exceeded") for line in reply.lines):
+            state.refused_at = min(state.refused_at or message.size, message.size)
+        return wire.classify(reply, self.name)
+
+    def _failed(self, kind: ErrorKind, detail: str) -> ScanResult:
+        return ScanResult.failed(kind, detail, self.name)
+
+    def _in_turn(self) -> list[EndpointState]:
+        """The endpoints that are up, starting one further each time (round robin)."""
+        live = [state for state in self.endpoints if state.up]
+        if not live:
+            return live
+        start = self._turn % len(live)
+        self._turn += 1
+        return live[start:] + live[:start]
+
+    def _unavailable(self) -> str:
+        return "; ".join(f"{state.description}: {state.last_error or 'down'}" for state in self.endpoints)
+
+    # -- health -----------------------------------------------------------------------
+
+    def _mark_down(self, state: EndpointState, error: str) -> None:
+        state.failures += 1
+        state.last_error = error
+        if state.up:
+            log.warn("clamd at {endpoint} is not available: {error}", endpoint=state.description, error=error)
+            state.up = False
+        self._schedule_check()
+
+    def _schedule_check(self) -> None:
+        if self._timer is None and not self._stopped and not all(state.up for state in self.endpoints):
+            self._timer = self._reactor.callLater(self._settings.health_check_interval, self._periodic_check)
+
+    def _periodic_check(self) -> None:
+        self._timer = None
+        self.check_health().addCallback(lambda _: self._schedule_check())
+
+    def check_health(self) -> Deferred[None]:
+        """PING every endpoint marked down; those that answer PONG are used again.
+
+        @return: a Deferred that fires (never fails) when every PING has ended.
+        """
+        waits = [self._wait_for_ping(state) for state in self.endpoints if not state.up]
+        return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    def _wait_for_ping(self, state: EndpointState) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        state.waiting.append(waiter)
+        if state.ping is None:
+            seconds = min(self._settings.timeout, self._settings.health_check_interval)
+            ping: Deferred[str] = Deferred.fromCoroutine(self._ping(state.endpoint))
+            state.ping = ping
+            # Set before the callbacks: a PING that fails at once has ended when they run.
+            ping.addTimeout(seconds, self._reactor, onTimeoutCancel=lambda _, __: f"no PONG within {seconds:g} s")
+            ping.addCallbacks(self._pinged, self._ping_failed, (state,), errbackArgs=(state,))
+        return waiter
+
+    async def _ping(self, endpoint: IStreamClientEndpoint) -> str:
+        protocol = PingProtocol()
+        try:
+            await _connect(endpoint, protocol)
+        except (CancelledError, ConnectingCancelledError):
+            raise CancelledError() from None
+        except Exception as error:
+            return str(error)
+        return "" if await protocol.done else "no PONG in the reply"
+
+    def _ping_failed(self, failure: Failure, state: EndpointState) -> None:
+        self._pinged(f"PING failed: {failure.getErrorMessage() or failure.value!r}", state)
+
+    def _pinged(self, error: str, state: EndpointState) -> None:
+        state.ping = None
+        if not error:
+            if not state.up:
+                log.info("clamd at {endpoint} answers again", endpoint=state.description)
+            state.up = True
+            state.refused_at = None
+        else:
+            state.last_error = error
+        waiting, state.waiting = state.waiting, []
+        for waiter in waiting:
+            _fire(None, waiter)
+
+    def stop(self) -> None:
+        """Stop the periodic health checks (for a service stopping, and for tests)."""
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for state in self.endpoints:
+            if state.ping is not None:
+                state.ping.cancel()
+
+
+def _fire(result: object, waiter: Deferred[None]) -> None:
+    """Fire ``waiter`` unless it has been cancelled meanwhile."""
+    if not waiter.called:
+        waiter.callback(None)
