@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from smtpguard.envelope import Envelope
+    from smtpguard.incident import Incident
     from smtpguard.results import Decision, ScanResult
     from smtpguard.spool import Message
 
@@ -37,11 +38,24 @@ class IPolicy(Interface):
 class INotifier(Interface):
     """Sends notices about what happened to a message."""
 
-    def notify(notice: Any) -> Deferred[None]:
-        """Send ``notice``.
+    def notify(incident: Incident) -> Deferred[None]:
+        """Tell whoever this notifier tells about ``incident`` (an L{Incident}),
+        as far as its decision's ``notices`` ask for it.
 
-        @return: a Deferred firing with None when the notice is handed over.  Failures
-            are logged and retried by the notifier, never turned into a client reply.
+        @return: a Deferred firing with None once the notice is safely queued.
+            Sending failures are retried by the notifier, never turned into a
+            client reply.
+        """
+
+
+class IQuarantine(Interface):
+    """Keeps copies of messages."""
+
+    def store(incident: Incident, message: Message) -> Deferred[str]:
+        """Keep ``message`` with what is known about it.
+
+        @return: a Deferred firing with the copy's id once it is safely stored;
+            it fails when the copy could not be stored.
         """
 
 

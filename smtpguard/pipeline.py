@@ -1,4 +1,4 @@
-"""What happens to one received message: scan, decide, act, relay."""
+"""What happens to one received message: scan, decide, act, relay, notify."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
-from smtpguard import replies
+from smtpguard import replies, rewrite, templates
 from smtpguard.envelope import Envelope
-from smtpguard.interfaces import IPolicy, IRelaySession, IScanner
+from smtpguard.incident import Incident
+from smtpguard.interfaces import INotifier, IPolicy, IQuarantine, IRelaySession, IScanner
 from smtpguard.replies import Reply
-from smtpguard.results import Action, ScanResult
+from smtpguard.results import Action, Decision, ScanResult
 from smtpguard.scanners.deadline import scan_safely, with_deadline
 from smtpguard.spool import Message
+from smtpguard.templates import Texts
 
 log = Logger()
 
@@ -42,16 +44,29 @@ def status_headers(result: ScanResult, hostname: str) -> bytes:
 
 
 class Pipeline:
-    """Scans with ``scanner`` under a hard deadline, asks ``policy``, and relays or
-    answers accordingly."""
+    """Scans with ``scanner`` under a hard deadline, asks ``policy``, and relays,
+    replaces or answers accordingly; keeps a copy in ``quarantine`` and tells
+    ``notifier`` when the decision asks for it."""
 
-    def __init__(self, reactor: Any, scanner: IScanner, policy: IPolicy, scan_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        scanner: IScanner,
+        policy: IPolicy,
+        scan_timeout: float = 120.0,
+        texts: Texts = Texts(),
+        quarantine: IQuarantine | None = None,
+        notifier: INotifier | None = None,
+    ) -> None:
         verifyObject(IScanner, scanner)
         verifyObject(IPolicy, policy)
         self._reactor = reactor
         self._scanner = scanner
         self._policy = policy
         self._scan_timeout = scan_timeout
+        self._texts = texts
+        self._quarantine = quarantine
+        self._notifier = notifier
 
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
         scanning = scan_safely(self._scanner, message, envelope)
@@ -68,19 +83,24 @@ class Pipeline:
         try:
             result = await self.scan(message, envelope)
             decision = self._policy.decide(envelope, result)
-            if decision.action is Action.DELIVER:
-                prefix = received_header(envelope, transaction_id, self._reactor.seconds())
-                prefix += status_headers(result, envelope.client.hostname)
-                reply: Reply = await relay.data(message, prefix)
+            section, body_at = message.split_headers()
+            incident = Incident(
+                transaction_id, envelope, result, decision, section, self._reactor.seconds(), rewrite.subject(section)
+            )
+            if decision.quarantine and self._quarantine is not None:
+                # Without its copy the decision cannot be carried out: the client retries.
+                await self._quarantine.store(incident, message)
+            if decision.relays:
+                reply: Reply = await self._relay(incident, message, body_at, relay)
             else:
                 await relay.reset()
-                reply = decision.reply or (
-                    replies.DISCARDED if decision.action is Action.DISCARD else replies.LOCAL_ERROR
-                )
+                reply = decision.reply or replies.LOCAL_ERROR
         except Exception:
             log.failure("processing {id} failed", id=transaction_id)
             await relay.reset()
             return replies.LOCAL_ERROR
+        if decision.notices and self._notifier is not None and not reply.transient:
+            self._notify(incident)
         log.info(
             "{id}: from=<{sender}> rcpts={rcpts} size={size} status={status} action={action} reply={code}"
             " ({ms:.1f} ms)",
@@ -94,3 +114,32 @@ class Pipeline:
             ms=(time.monotonic() - started) * 1000,
         )
         return reply
+
+    def _relay(self, incident: Incident, message: Message, body_at: int, relay: IRelaySession) -> Deferred[Reply]:
+        envelope, decision = incident.envelope, incident.decision
+        trace = received_header(envelope, incident.transaction_id, incident.time)
+        trace += status_headers(incident.result, envelope.client.hostname)
+        # Status headers from the client are dropped: nobody forges a verdict.
+        section = rewrite.without(incident.headers, rewrite.STATUS_HEADERS)
+        if decision.action is Action.REPLACE:
+            text = self._replacement(incident)
+            headers = rewrite.notice_headers(section, text)
+            return relay.data(Message.from_bytes(text.encode("utf-8")), trace + headers + b"\r\n")
+        if decision.subject_tag:
+            section = rewrite.tag_subject(section, decision.subject_tag)
+        # A message without the empty line after its header section stays so.
+        separator = b"\r\n" if body_at > len(incident.headers) else b""
+        return relay.data(message.tail(body_at), trace + section + separator)
+
+    def _replacement(self, incident: Incident) -> str:
+        decision: Decision = incident.decision
+        template = self._texts.virus_replacement if incident.result.threats else self._texts.error_replacement
+        values = templates.values(
+            incident.envelope, incident.result, decision.reason, incident.subject, incident.transaction_id
+        )
+        return templates.render(template, values)
+
+    def _notify(self, incident: Incident) -> None:
+        assert self._notifier is not None
+        notifying = self._notifier.notify(incident)
+        notifying.addErrback(lambda failure: log.failure("notice for {id} failed", failure, id=incident.transaction_id))

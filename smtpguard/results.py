@@ -70,17 +70,38 @@ class ScanResult:
 
 
 class Action(Enum):
-    DELIVER = "deliver"
-    REJECT = "reject"
-    DEFER = "defer"
-    DISCARD = "discard"
+    DELIVER = "deliver"  # relay the message (status headers added, subject maybe tagged)
+    REPLACE = "replace"  # relay the original headers with the body replaced by a notice
+    REJECT = "reject"  # 5xx to the client, nothing relayed
+    DEFER = "defer"  # 4xx to the client, nothing relayed: it retries later
+    DISCARD = "discard"  # 250 to the client, nothing relayed
+
+
+class Notice(Enum):
+    """Who is told about a message that was not delivered as sent."""
+
+    SENDER = "sender"
+    ADMIN = "admin"
 
 
 @attrs.frozen
 class Decision:
-    """What to do with a message.  ``reply`` is what the client hears when the message
-    is not relayed (for DELIVER, the client hears the next hop's reply)."""
+    """What to do with a message.
+
+    ``reply`` is what the client hears when nothing is relayed (when something is,
+    the client hears the next hop's reply); ``reason`` says why in words for
+    notices and logs; ``subject_tag`` is appended to the Subject of a delivered
+    message; ``quarantine`` keeps a copy of the original.
+    """
 
     action: Action
     reply: Reply | None = None
     reason: str = ""
+    subject_tag: str | None = None
+    quarantine: bool = False
+    notices: frozenset[Notice] = frozenset()
+
+    @property
+    def relays(self) -> bool:
+        """Whether something goes to the next hop."""
+        return self.action in (Action.DELIVER, Action.REPLACE)

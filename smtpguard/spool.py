@@ -20,9 +20,34 @@ class Message:
     """A received message, read-only.  Its bytes use CRLF line endings only and are
     not dot-stuffed.  Close it when the transaction ends."""
 
-    def __init__(self, body: IO[bytes], size: int) -> None:
+    def __init__(self, body: IO[bytes], size: int, start: int = 0, owner: bool = True) -> None:
         self._body = body
-        self.size = size
+        self._start = start
+        self._owner = owner
+        self.size = size - start
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Message:
+        return cls(io.BytesIO(data), len(data))
+
+    def tail(self, offset: int) -> Message:
+        """The message from ``offset`` on, sharing this one's storage (closing the
+        tail leaves this message open)."""
+        return Message(self._body, self._start + self.size, self._start + offset, owner=False)
+
+    def split_headers(self, limit: int = 1024 * 1024) -> tuple[bytes, int]:
+        """(header section without the empty line, offset of the body).
+
+        A message whose first ``limit`` bytes hold no empty line is all header
+        when it is that short, and all body otherwise.
+        """
+        head = self._read_at(0, min(limit, self.size))
+        if head.startswith(b"\r\n"):
+            return b"", 2
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            return head[: end + 2], end + 4
+        return (head, self.size) if self.size <= limit else (b"", 0)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """The whole message, from the start, in chunks of at most ``chunk_size``.
@@ -37,6 +62,7 @@ class Message:
             yield chunk
 
     def _read_at(self, offset: int, size: int) -> bytes:
+        offset += self._start
         if isinstance(self._body, io.BytesIO):
             return self._body.getbuffer()[offset : offset + size].tobytes()
         return os.pread(self._body.fileno(), size, offset)
@@ -58,7 +84,8 @@ class Message:
         return head if end < 0 else head[: end + 4]
 
     def close(self) -> None:
-        self._body.close()
+        if self._owner:
+            self._body.close()
 
     @property
     def closed(self) -> bool:

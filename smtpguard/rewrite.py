@@ -1,0 +1,79 @@
+"""Edits of a message's header section: status headers that only smtpguard may
+write, the subject tag, and the headers of a replacement notice.
+
+Header sections are handled as raw bytes with CRLF line endings; folded fields
+(continuation lines) stay intact.
+"""
+
+from __future__ import annotations
+
+import re
+from email.header import Header
+
+STATUS_HEADERS = frozenset({b"x-virus-scanned", b"x-virus-status"})
+CONTENT_HEADERS = frozenset(
+    {b"mime-version", b"content-type", b"content-transfer-encoding", b"content-disposition", b"content-id"}
+)
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+
+
+def fields(section: bytes) -> list[bytes]:
+    """The header fields of ``section`` (ending in the empty line or not), each with
+    its continuation lines and final CRLF."""
+    lines = section.split(b"\r\n")
+    found: list[bytes] = []
+    for line in lines:
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t") and found:
+            found[-1] += line + b"\r\n"
+        else:
+            found.append(line + b"\r\n")
+    return found
+
+
+def field_name(field: bytes) -> bytes:
+    match = _FIELD_NAME.match(field)
+    return match.group(1).lower() if match else b""
+
+
+def without(section: bytes, names: frozenset[bytes]) -> bytes:
+    """``section``'s fields without those named in ``names`` (lower case), no empty line."""
+    return b"".join(field for field in fields(section) if field_name(field) not in names)
+
+
+def tag_subject(section: bytes, tag: str) -> bytes:
+    """``section`` (without empty line) with ``tag`` appended to the Subject, on a
+    continuation line of its own so that no line grows; RFC 2047 encoded when
+    the tag is not ASCII.  A message without Subject gets one."""
+    encoded = tag if tag.isascii() else Header(" " + tag, "utf-8").encode()
+    kept = fields(section)
+    for index, field in enumerate(kept):
+        if field_name(field) == b"subject":
+            kept[index] = field[:-2] + b"\r\n " + encoded.encode("ascii") + b"\r\n"
+            return b"".join(kept)
+    return b"".join(kept) + b"Subject: " + encoded.encode("ascii") + b"\r\n"
+
+
+def subject(section: bytes) -> str:
+    """The decoded Subject of ``section``, or "" when there is none."""
+    from email.header import decode_header, make_header
+
+    for field in fields(section):
+        if field_name(field) == b"subject":
+            raw = field.split(b":", 1)[1].replace(b"\r\n", b"").strip().decode("utf-8", "replace")
+            try:
+                return str(make_header(decode_header(raw)))
+            except Exception:  # a malformed encoded-word: show it as it came
+                return raw
+    return ""
+
+
+def notice_headers(section: bytes, text: str) -> bytes:
+    """The original fields minus the MIME content fields, plus those of a
+    text/plain ``text`` (8bit UTF-8 only when it needs to be)."""
+    kept = without(section, CONTENT_HEADERS)
+    charset, encoding = ("us-ascii", "7bit") if text.isascii() else ("utf-8", "8bit")
+    return kept + (
+        f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset={charset}\r\nContent-Transfer-Encoding: {encoding}\r\n"
+    ).encode("ascii")
