@@ -46,13 +46,21 @@ def tag_subject(section: bytes, tag: str) -> bytes:
     """``section`` (without empty line) with ``tag`` appended to the Subject, on a
     continuation line of its own so that no line grows; RFC 2047 encoded when
     the tag is not ASCII.  A message without Subject gets one."""
-    encoded = tag if tag.isascii() else Header(" " + tag, "utf-8").encode()
     kept = fields(section)
     for index, field in enumerate(kept):
         if field_name(field) == b"subject":
-            kept[index] = field[:-2] + b"\r\n " + encoded.encode("ascii") + b"\r\n"
+            # Between two encoded-words white space vanishes when decoded: then
+            # the separating space must be inside the encoded tag.
+            after_encoded_word = field.rstrip().endswith(b"?=")
+            kept[index] = field[:-2] + b"\r\n " + _encoded(tag, after_encoded_word) + b"\r\n"
             return b"".join(kept)
-    return b"".join(kept) + b"Subject: " + encoded.encode("ascii") + b"\r\n"
+    return b"".join(kept) + b"Subject: " + _encoded(tag, False) + b"\r\n"
+
+
+def _encoded(text: str, leading_space: bool) -> bytes:
+    if text.isascii():
+        return text.encode("ascii")
+    return Header((" " if leading_space else "") + text, "utf-8").encode().encode("ascii")
 
 
 def subject(section: bytes) -> str:

@@ -158,3 +158,25 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     engine.start()
     yield engine
     engine.stop()
+
+
+@pytest.fixture
+def listening() -> Iterator[list[object]]:
+    """Ports a test opens on the global reactor; they stop listening at teardown."""
+    import pytest_twisted
+    from twisted.internet import defer
+
+    opened: list[object] = []
+    yield opened
+    for port in opened:
+        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))  # type: ignore[attr-defined]
+
+
+async def listen(listening: list[object], factory: object, description: str = "tcp:0:interface=127.0.0.1") -> int:
+    """Listen with ``factory`` on loopback (port 0 by default); the port number."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    port = await serverFromString(reactor, description).listen(factory)
+    listening.append(port)
+    return int(port.getHost().port)

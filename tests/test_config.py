@@ -490,4 +490,5 @@ def test_build_factory_bad_policy_option():
     loaded = config.parse(with_values(policy={"on_virus": "accept"}), SOURCE)
     with pytest.raises(ConfigError) as caught:
         build_factory(loaded, Clock())
-    assert str(caught.value) == f"{SOURCE}: policy.on_virus: must be one of replace, reject, discard, pass, got 'accept'"
+    expected = "policy.on_virus: must be one of replace, reject, discard, pass, got 'accept'"
+    assert str(caught.value) == f"{SOURCE}: {expected}"

@@ -30,7 +30,6 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet import ssl as twisted_ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import LineReceiver
@@ -39,7 +38,7 @@ from smtpguard import config as configuration
 from smtpguard import replies, tap
 from smtpguard.capture import capture_factory
 from smtpguard.replies import Reply
-from tests.conftest import LoggingSmtpSink, SinkStarter, free_port
+from tests.conftest import LoggingSmtpSink, SinkStarter, free_port, listen
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 GUARD = "guard.test"  # smtpguard's [server] hostname
@@ -56,21 +55,6 @@ _DATE = rb"[A-Z][a-z]{2}, [ \d]?\d [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} [+-]\d{
 
 
 # -- plumbing -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def listening() -> Iterator[list[IListeningPort]]:
-    """Ports opened by a test; they stop listening at teardown."""
-    opened: list[IListeningPort] = []
-    yield opened
-    for port in opened:
-        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
-
-
-async def listen(listening: list[IListeningPort], factory: Factory, description: str = LOOPBACK) -> int:
-    port = await serverFromString(reactor, description).listen(factory)
-    listening.append(port)
-    return int(port.getHost().port)
 
 
 def guard_config(upstream: str, server: dict[str, Any] | None = None, **upstream_keys: Any) -> configuration.Config:

@@ -1,0 +1,196 @@
+"""The default policy as a pure function: every verdict x every mode x the notify
+flags, policy banks, and the [policy] table."""
+
+from __future__ import annotations
+
+import itertools
+
+import attrs
+import pytest
+from zope.interface.verify import verifyObject
+
+from smtpguard import replies
+from smtpguard.config import ConfigError
+from smtpguard.envelope import Client, Envelope, Recipient
+from smtpguard.interfaces import IPolicy
+from smtpguard.policies.default import DefaultPolicy, OnError, OnVirus, PolicySettings, Rule
+from smtpguard.policies.options import build_policy
+from smtpguard.results import Action, Decision, ErrorKind, Notice, ScanResult, Threat
+
+CLIENT = Client("192.0.2.7", 40000, "198.51.100.1", 25, helo="client.example")
+ENVELOPE = Envelope(CLIENT, "alice@example.com", recipients=(Recipient("bob@example.org"),))
+NULL_SENDER = attrs.evolve(ENVELOPE, sender="")
+CLEAN = ScanResult.clean("s")
+INFECTED = ScanResult.infected((Threat("Eicar-Test-Signature", "eicar.com"),), "s")
+FLAGS = list(itertools.product([False, True], repeat=4))
+
+
+def settings(**changes) -> PolicySettings:
+    return attrs.evolve(PolicySettings(), **changes)
+
+
+def test_provides_ipolicy():
+    """DefaultPolicy provides IPolicy."""
+    assert verifyObject(IPolicy, DefaultPolicy())
+
+
+def test_defaults():
+    """Without configuration infected mail is rejected and unscanned mail deferred."""
+    policy = DefaultPolicy()
+    assert policy.decide(ENVELOPE, INFECTED).action is Action.REJECT
+    assert policy.decide(ENVELOPE, ScanResult.failed(ErrorKind.TIMEOUT)).reply == replies.SCAN_DEFERRED
+
+
+@pytest.mark.parametrize("mode", list(OnVirus))
+@pytest.mark.parametrize(("quarantine", "notify_sender", "notify_admin", "null_sender"), FLAGS)
+def test_clean_is_always_delivered_untouched(mode, quarantine, notify_sender, notify_admin, null_sender):
+    """A clean message is delivered without tag, quarantine or notice, whatever the settings."""
+    policy = DefaultPolicy(
+        settings(on_virus=mode, quarantine=quarantine, notify_sender_on_virus=notify_sender, notify_admin=notify_admin)
+    )
+    assert policy.decide(NULL_SENDER if null_sender else ENVELOPE, CLEAN) == Decision(Action.DELIVER)
+
+
+VIRUS_ACTIONS = {
+    OnVirus.REPLACE: (Action.REPLACE, None),
+    OnVirus.REJECT: (
+        Action.REJECT,
+        replies.VIRUS_REJECTED.with_text("Message rejected: virus found (Eicar-Test-Signature)"),
+    ),
+    OnVirus.DISCARD: (Action.DISCARD, replies.DISCARDED),
+    OnVirus.PASS: (Action.DELIVER, None),
+}
+
+
+@pytest.mark.parametrize("mode", list(OnVirus))
+@pytest.mark.parametrize(("quarantine", "notify_sender", "notify_admin", "null_sender"), FLAGS)
+def test_infected(mode, quarantine, notify_sender, notify_admin, null_sender):
+    """Infected: the on_virus action, quarantine as set, the admin told when set, and the
+    sender told only when asked, when there is one, and when nothing else tells it
+    (not after a 5xx, not in monitoring mode)."""
+    policy = DefaultPolicy(
+        settings(on_virus=mode, quarantine=quarantine, notify_sender_on_virus=notify_sender, notify_admin=notify_admin)
+    )
+    decision = policy.decide(NULL_SENDER if null_sender else ENVELOPE, INFECTED)
+    action, reply = VIRUS_ACTIONS[mode]
+    expected = set()
+    if notify_admin:
+        expected.add(Notice.ADMIN)
+    if notify_sender and not null_sender and mode in (OnVirus.REPLACE, OnVirus.DISCARD):
+        expected.add(Notice.SENDER)
+    assert decision == Decision(
+        action, reply, "virus Eicar-Test-Signature", quarantine=quarantine, notices=frozenset(expected)
+    )
+
+
+@pytest.mark.parametrize("kind", list(ErrorKind))
+@pytest.mark.parametrize("mode", list(OnError))
+@pytest.mark.parametrize(("quarantine_dropped", "notify_sender", "tag_on_pass", "null_sender"), FLAGS)
+def test_scan_error(kind, mode, quarantine_dropped, notify_sender, tag_on_pass, null_sender):
+    """Scan error: drop replaces (sender told when asked), pass delivers (tagged when
+    asked), defer answers 451 4.7.1; never an admin notice."""
+    policy = DefaultPolicy(
+        settings(
+            fail_mode=mode,
+            quarantine_dropped=quarantine_dropped,
+            notify_sender_on_error_drop=notify_sender,
+            notify_recipient_on_error_pass=tag_on_pass,
+            subject_tag="[unchecked]",
+        )
+    )
+    decision = policy.decide(NULL_SENDER if null_sender else ENVELOPE, ScanResult.failed(kind, "x"))
+    reason = f"scan error ({kind.value})"
+    if mode is OnError.DEFER:
+        assert decision == Decision(Action.DEFER, replies.SCAN_DEFERRED, reason)
+    elif mode is OnError.PASS:
+        assert decision == Decision(Action.DELIVER, reason=reason, subject_tag="[unchecked]" if tag_on_pass else None)
+    else:
+        notices = frozenset({Notice.SENDER}) if notify_sender and not null_sender else frozenset()
+        assert decision == Decision(Action.REPLACE, reason=reason, quarantine=quarantine_dropped, notices=notices)
+
+
+def test_fallback_overrides_fail_mode_per_kind():
+    """[policy.fallback] decides for the kinds it names; fail_mode for the others."""
+    policy = DefaultPolicy(settings(fail_mode=OnError.DEFER, fallback={ErrorKind.CONTENT_SIZE: OnError.PASS}))
+    assert policy.decide(ENVELOPE, ScanResult.failed(ErrorKind.CONTENT_SIZE)).action is Action.DELIVER
+    assert policy.decide(ENVELOPE, ScanResult.failed(ErrorKind.TIMEOUT)).action is Action.DEFER
+
+
+def test_forged_sender_threats_are_not_answered():
+    """No notice goes to the sender of a threat known to forge its sender."""
+    policy = DefaultPolicy(
+        settings(on_virus=OnVirus.REPLACE, notify_sender_on_virus=True, forged_sender_threats=("Eicar-*",))
+    )
+    assert policy.decide(ENVELOPE, INFECTED).notices == frozenset({Notice.ADMIN})
+
+
+def test_rule_by_recipient_domain():
+    """A rule for a recipient domain (and its subdomains) applies when any recipient is in it."""
+    rule = Rule(settings(on_virus=OnVirus.DISCARD), recipient_domains=("example.org",))
+    policy = DefaultPolicy(settings(), [rule])
+    sub = attrs.evolve(ENVELOPE, recipients=(Recipient("x@mail.example.org"),))
+    other = attrs.evolve(ENVELOPE, recipients=(Recipient("x@example.net"),))
+    assert policy.decide(ENVELOPE, INFECTED).action is Action.DISCARD
+    assert policy.decide(sub, INFECTED).action is Action.DISCARD
+    assert policy.decide(other, INFECTED).action is Action.REJECT
+
+
+def test_rule_by_sender_and_network_needs_both():
+    """A rule with several criteria applies only when all of them match; the first matching rule wins."""
+    import ipaddress
+
+    both = Rule(
+        settings(on_virus=OnVirus.PASS),
+        senders=("*@example.com",),
+        client_networks=(ipaddress.ip_network("192.0.2.0/24"),),
+    )
+    fallback = Rule(settings(on_virus=OnVirus.DISCARD), senders=("*",))
+    policy = DefaultPolicy(settings(), [both, fallback])
+    assert policy.decide(ENVELOPE, INFECTED).action is Action.DELIVER
+    elsewhere = attrs.evolve(ENVELOPE, client=attrs.evolve(CLIENT, address="203.0.113.9"))
+    assert policy.decide(elsewhere, INFECTED).action is Action.DISCARD
+
+
+def test_table_builds_settings_fallback_and_rules():
+    """The [policy] table with [policy.fallback] and [[policy.rules]] builds the policy;
+    rules inherit what they do not set."""
+    policy = build_policy(
+        {
+            "on_virus": "replace",
+            "fail_mode": "drop",
+            "quarantine": True,
+            "fallback": {"timeout": "defer", "default": "pass"},
+            "rules": [{"recipient_domains": ["Example.ORG"], "on_virus": "discard"}],
+        }
+    )
+    assert (policy.settings.on_virus, policy.settings.fail_mode, policy.settings.quarantine) == (
+        OnVirus.REPLACE,
+        OnError.DROP,
+        True,
+    )
+    assert policy.settings.on_error(ErrorKind.TIMEOUT) is OnError.DEFER
+    assert policy.settings.on_error(ErrorKind.CORRUPT_FILE) is OnError.PASS
+    (rule,) = policy.rules
+    assert rule.recipient_domains == ("example.org",)
+    assert (rule.settings.on_virus, rule.settings.quarantine) == (OnVirus.DISCARD, True)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"on_virus": "bounce"}, "on_virus: must be one of replace, reject, discard, pass, got 'bounce'"),
+        ({"fail_mode": 1}, "fail_mode: expected a string, got 1"),
+        ({"fallback": {"slow": "pass"}}, "fallback.slow: unknown scan error kind"),
+        ({"fallback": {"timeout": "maybe"}}, "fallback.timeout: must be one of drop, pass, defer"),
+        ({"rules": [{"on_virus": "pass"}]}, "rules[0].recipient_domains: a rule needs"),
+        ({"rules": [{"senders": ["*"], "colour": "red"}]}, "rules[0].colour: unknown key"),
+        ({"rules": [{"client_networks": ["10.0.0.300/8"]}]}, "rules[0].client_networks:"),
+        ({"quarantine": "yes"}, "quarantine: expected true or false, got 'yes'"),
+        ({"typo": True}, "typo: unknown key"),
+    ],
+)
+def test_table_errors_name_the_key(table, message):
+    """A bad [policy] table stops the start with the key and the problem."""
+    with pytest.raises(ConfigError) as raised:
+        build_policy(table)
+    assert str(raised.value).startswith(message)
