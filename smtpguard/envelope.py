@@ -28,6 +28,7 @@ class EnvelopeError(Exception):
 class BodyType(Enum):
     SEVEN_BIT = "7BIT"
     EIGHT_BIT_MIME = "8BITMIME"
+    BINARYMIME = "BINARYMIME"  # RFC 3030: only with BDAT
 
 
 class Return(Enum):
@@ -256,8 +257,10 @@ def mail_arguments(
     words = [f"FROM:<{sender}>"]
     if "SIZE" in extensions and (size if size is not None else parameters.size) is not None:
         words.append(f"SIZE={size if size is not None else parameters.size}")
-    if parameters.body is not None and "8BITMIME" in extensions:
+    if parameters.body is not None and parameters.body.value in extensions:
         words.append(f"BODY={parameters.body.value}")
+    elif parameters.body is BodyType.SEVEN_BIT and "8BITMIME" in extensions:
+        words.append("BODY=7BIT")
     if parameters.smtputf8 and "SMTPUTF8" in extensions:
         words.append("SMTPUTF8")
     if "DSN" in extensions:

@@ -12,7 +12,7 @@ from smtpguard.interfaces import IScanner
 from smtpguard.results import Verdict
 from smtpguard.scanners.deadline import scan_safely, with_deadline
 from smtpguard.spool import Message, Spool
-from smtpguard.wire import normalise_line_endings
+from smtpguard.wire import LineEndingNormaliser
 
 _READ_SIZE = 256 * 1024
 EXIT_CLEAN, EXIT_INFECTED, EXIT_ERROR = 0, 1, 2
@@ -34,14 +34,11 @@ def load_config(path: str | None, specs: Sequence[str] | None) -> Config:
 def read_message(path: str) -> Message:
     """A message file as smtpguard would have received it: CRLF line endings."""
     spool = Spool(0)
-    carry = b""
+    normaliser = LineEndingNormaliser(spool.write)
     with open(path, "rb") as file:
         while block := file.read(_READ_SIZE):
-            block = carry + block
-            # Keep a trailing CR back: its LF may start the next block.
-            carry, block = (b"\r", block[:-1]) if block.endswith(b"\r") else (b"", block)
-            spool.write(normalise_line_endings(block))
-    spool.write(normalise_line_endings(carry))
+            normaliser.feed(block)
+    normaliser.close()
     return spool.finish()
 
 

@@ -21,11 +21,11 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from smtpguard import replies
-from smtpguard.envelope import Client, Envelope, EnvelopeError, parse_mail, parse_rcpt
+from smtpguard.envelope import BodyType, Client, Envelope, EnvelopeError, parse_mail, parse_rcpt
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
 from smtpguard.spool import Message, Spool, SpoolFull
-from smtpguard.wire import DataReader
+from smtpguard.wire import DataReader, LineEndingNormaliser
 
 log = Logger()
 
@@ -67,7 +67,9 @@ class ESMTPServer(Protocol):
         self._paused = False
         self._closing = False
         self._overlong = False
-        self._discard = 0  # bytes of a refused BDAT chunk still to swallow
+        self._chunk: _Chunk | None = None  # a BDAT chunk still arriving
+        self._chunks: LineEndingNormaliser | None = None  # BDAT data of this transaction
+        self._chunk_refused = False
         self._client: Client | None = None
         self._envelope: Envelope | None = None
         self._relay: IRelaySession | None = None
@@ -176,12 +178,13 @@ class ESMTPServer(Protocol):
 
     def _process_buffer(self) -> None:
         while self._buffer and not self._busy and not self._closing:
-            if self._discard:
-                taken = min(self._discard, len(self._buffer))
-                self._buffer = self._buffer[taken:]
-                self._discard -= taken
-                if not self._discard:
-                    self._send(replies.NOT_IMPLEMENTED.with_text("CHUNKING is not offered"))
+            if self._chunk is not None:
+                chunk = self._chunk
+                taken, self._buffer = self._buffer[: chunk.remaining], self._buffer[chunk.remaining :]
+                chunk.feed(taken)
+                if not chunk.remaining:
+                    self._chunk = None
+                    self._respond(chunk.done())
                 continue
             if self._reader is not None:
                 self._receive_data()
@@ -265,7 +268,7 @@ class ESMTPServer(Protocol):
         offered = ["PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME"]
         if self.settings.tls is not None and self._client is not None and not self._client.tls:
             offered.append("STARTTLS")
-        offered += ["ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"]
+        offered += ["ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN", "CHUNKING", "BINARYMIME"]
         return offered
 
     def smtp_MAIL(self, argument: str) -> Reply | Deferred[Reply]:
@@ -314,22 +317,69 @@ class ESMTPServer(Protocol):
             return replies.SYNTAX_ERROR
         if self._envelope is None:
             return replies.NEED_MAIL
+        if self._chunks is not None or self._chunk_refused:
+            return replies.BAD_SEQUENCE  # RFC 3030: no DATA after BDAT
+        if self._envelope.parameters.body is BodyType.BINARYMIME:
+            return replies.BINARYMIME_NEEDS_BDAT
         if not self._envelope.recipients:
             return replies.NO_VALID_RECIPIENTS
-        self._spool = Spool(self.settings.max_message_size, self.settings.spool_memory, self.settings.spool_directory)
+        self._spool = self._new_spool()
         self._reader = DataReader(self._spool.write)
         self._arm_idle()
         return replies.START_DATA
 
-    def smtp_BDAT(self, argument: str) -> Reply | None:
-        # CHUNKING is not offered; swallow the announced chunk so that its bytes
-        # are never read as commands, then refuse.
-        size, *_ = argument.split() or [""]
-        if not size.isdigit():
-            return replies.SYNTAX_ERROR
-        self._discard = int(size)
-        if not self._discard:
-            return replies.NOT_IMPLEMENTED.with_text("CHUNKING is not offered")
+    def smtp_BDAT(self, argument: str) -> Reply | Deferred[Reply] | None:
+        """RFC 3030: the chunk's bytes follow the command line; every chunk is read
+        (even a refused one, so its bytes are never taken for commands), and
+        the message is scanned and relayed after the LAST one like any other."""
+        parsed = _bdat_arguments(argument)
+        if parsed is None:
+            # Without a size the chunk cannot be told from commands: stop here.
+            self._send(replies.BAD_BDAT_SYNTAX)
+            self._close()
+            return None
+        size, last = parsed
+        refusal = self._bdat_refusal()
+        if refusal is not None:
+            self._chunk_refused = not last
+            if last:
+                self._abandon_data()
+            return self._read_chunk(size, None, lambda: refusal)
+        if self._chunks is None:
+            assert self._envelope is not None
+            self._spool = self._new_spool()
+            # Binary content is relayed with BDAT only; anything else gets one kind
+            # of line ending, as DATA does, so no next hop can see another boundary.
+            binary = self._envelope.parameters.body is BodyType.BINARYMIME
+            self._chunks = LineEndingNormaliser(self._spool.write, normalise=not binary)
+        chunks = self._chunks
+
+        def received() -> Reply | Deferred[Reply]:
+            if not last:
+                return replies.CHUNK_RECEIVED.with_text(f"Ok: {size} octets received")
+            chunks.close()
+            self._chunks = None
+            return self._end_of_data()
+
+        return self._read_chunk(size, chunks.feed, received)
+
+    def _bdat_refusal(self) -> Reply | None:
+        if self._envelope is None:
+            return replies.NEED_MAIL
+        if self._reader is not None or self._chunk_refused:
+            return replies.BAD_SEQUENCE
+        if not self._envelope.recipients:
+            return replies.NO_VALID_RECIPIENTS
+        return None
+
+    def _read_chunk(
+        self, size: int, sink: Callable[[bytes], None] | None, done: Callable[[], Reply | Deferred[Reply]]
+    ) -> Reply | Deferred[Reply] | None:
+        chunk = _Chunk(size, sink, done)
+        if not size:
+            return done()
+        self._chunk = chunk
+        self._arm_idle()
         return None
 
     def smtp_RSET(self, argument: str) -> Reply | Deferred[Reply]:
@@ -380,6 +430,7 @@ class ESMTPServer(Protocol):
 
     def _reset_transaction(self) -> Deferred[None] | None:
         self._envelope = None
+        self._abandon_data()
         if self._relay is None:
             return None
         return self._relay.reset()
@@ -413,11 +464,43 @@ class ESMTPServer(Protocol):
 
         return self.factory.process(envelope, message, relay, self._transaction_id).addBoth(done)
 
+    def _new_spool(self) -> Spool:
+        return Spool(self.settings.max_message_size, self.settings.spool_memory, self.settings.spool_directory)
+
     def _abandon_data(self) -> None:
         if self._spool is not None:
             self._spool.discard()
             self._spool = None
         self._reader = None
+        self._chunks = None
+        self._chunk_refused = False
+
+
+def _bdat_arguments(argument: str) -> tuple[int, bool] | None:
+    """``BDAT`` arguments -> (chunk size, last), or None when malformed."""
+    words = argument.split()
+    if not 1 <= len(words) <= 2 or not (words[0].isascii() and words[0].isdigit()) or len(words[0]) > 15:
+        return None
+    if len(words) == 2 and words[1].upper() != "LAST":
+        return None
+    return int(words[0]), len(words) == 2
+
+
+class _Chunk:
+    """A BDAT chunk being read: ``remaining`` bytes still to come, each passed to
+    ``sink`` (or dropped, for a refused chunk), then ``done`` gives the reply."""
+
+    def __init__(
+        self, size: int, sink: Callable[[bytes], None] | None, done: Callable[[], Reply | Deferred[Reply]]
+    ) -> None:
+        self.remaining = size
+        self._sink = sink
+        self.done = done
+
+    def feed(self, data: bytes) -> None:
+        self.remaining -= len(data)
+        if self._sink is not None:
+            self._sink(data)
 
 
 class GuardFactory(Factory):

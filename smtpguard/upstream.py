@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpguard import replies
-from smtpguard.envelope import Client, Envelope, Recipient, encode_xtext, mail_arguments, rcpt_arguments
+from smtpguard.envelope import BodyType, Client, Envelope, Recipient, encode_xtext, mail_arguments, rcpt_arguments
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
 from smtpguard.smtpclient import ProtocolViolation, SMTPClientProtocol, parse_extensions
@@ -205,6 +205,8 @@ class UpstreamSession:
     async def _mail(self, envelope: Envelope) -> Reply:
         if not envelope.sender.isascii() and "SMTPUTF8" not in self.extensions:
             return replies.NEXT_HOP_NO_SMTPUTF8
+        if envelope.parameters.body is BodyType.BINARYMIME and not {"BINARYMIME", "CHUNKING"} <= self.extensions.keys():
+            return replies.NEXT_HOP_NO_BINARYMIME
         offered = self.extensions.get("XFORWARD")
         xforward = None
         if self._settings.xforward and offered is not None and (line := _xforward(envelope.client, offered)):
@@ -236,11 +238,16 @@ class UpstreamSession:
                 await self._command("RSET")
                 self._in_transaction = False
                 return replies.NEXT_HOP_NO_8BITMIME
-            reply = await self._command("DATA")
-            if reply.code != 354:
-                self._in_transaction = False
-                return self._relayed(reply, replies.UPSTREAM_PROTOCOL)
-            sent, final = self._protocol.send_data(_with_prefix(prefix, message))
+            if "CHUNKING" in self.extensions:
+                # One round trip, and the bytes go as they are.
+                size = len(prefix) + message.size
+                sent, final = self._protocol.send_chunk(size, _with_prefix(prefix, message))
+            else:
+                reply = await self._command("DATA")
+                if reply.code != 354:
+                    self._in_transaction = False
+                    return self._relayed(reply, replies.UPSTREAM_PROTOCOL)
+                sent, final = self._protocol.send_data(_with_prefix(prefix, message))
             final = self._timed(final)
             # If sending stops half-way (spool unreadable, connection gone), the
             # next hop must not keep a partial message: drop the connection, which

@@ -28,6 +28,28 @@ def normalise_line_endings(data: bytes) -> bytes:
     return _LINE_ENDING.sub(b"\r\n", data)
 
 
+class LineEndingNormaliser:
+    """Normalises a stream of chunks to CRLF line endings (for BDAT data and
+    message files), holding back a final CR whose LF may be in the next chunk."""
+
+    def __init__(self, sink: Callable[[bytes], None], normalise: bool = True) -> None:
+        self._sink = sink
+        self._normalise = normalise
+        self._carry = b""
+
+    def feed(self, data: bytes) -> None:
+        if not self._normalise:
+            return self._sink(data)
+        data = self._carry + data
+        self._carry = b"\r" if data.endswith(b"\r") else b""
+        self._sink(normalise_line_endings(data[: len(data) - len(self._carry)]))
+
+    def close(self) -> None:
+        if self._carry:
+            self._sink(b"\r\n")
+            self._carry = b""
+
+
 class DataReader:
     """Decodes the bytes that follow a 354 reply.
 

@@ -875,3 +875,39 @@ def test_regression_client_needs_neither_auth_nor_tls_by_default():
     greet(hop, EHLO_PLAIN)
     hop.expect(b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n")
     assert result_of(mail).positive
+
+
+# -- CHUNKING toward the next hop -----------------------------------------------------------
+
+EHLO_CHUNKING = b"250-mx.example\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n"
+
+
+def test_next_hop_with_chunking_gets_one_bdat():
+    """A next hop offering CHUNKING gets ``BDAT n LAST`` and the raw bytes in one go: no DATA, no dot-stuffing."""
+    relay, hop, _ = started(EHLO_CHUNKING)
+    relay.rcpt(Recipient("b@example.com"))
+    hop.expect(b"RCPT TO:<b@example.com>\r\n", b"250 2.1.5 Ok\r\n")
+    body = b".starts with a dot\r\n.\r\n"
+    data = relay.data(message(body), b"X-Trace: 1\r\n")
+    produce(hop.transport)
+    size = len(b"X-Trace: 1\r\n") + len(body)
+    hop.expect(f"BDAT {size} LAST\r\n".encode() + b"X-Trace: 1\r\n" + body, b"250 2.0.0 Ok: queued\r\n")
+    assert result_of(data) == Reply(250, "2.0.0", "Ok: queued")
+
+
+def test_binarymime_refused_toward_a_next_hop_without_it():
+    """BODY=BINARYMIME is refused (554 5.6.3) when the next hop lacks BINARYMIME or CHUNKING."""
+    relay, hop, _ = session()
+    mail = relay.mail(Envelope(CLIENT, "a@example.com", MailParameters(body=BodyType.BINARYMIME)))
+    greet(hop, EHLO_PLAIN)
+    assert result_of(mail) == replies.NEXT_HOP_NO_BINARYMIME
+    assert hop.transport.value() == b""
+
+
+def test_binarymime_passed_on_to_a_next_hop_with_it():
+    """BODY=BINARYMIME goes on to a next hop that offers BINARYMIME and CHUNKING."""
+    relay, hop, _ = session()
+    mail = relay.mail(Envelope(CLIENT, "a@example.com", MailParameters(body=BodyType.BINARYMIME)))
+    greet(hop, EHLO_CHUNKING)
+    hop.expect(b"MAIL FROM:<a@example.com> BODY=BINARYMIME\r\n", b"250 2.1.0 Ok\r\n")
+    assert result_of(mail).positive
