@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from smtpguard.access import AccessRules, Network, networks
 from smtpguard.server import ServerSettings
 from smtpguard.upstream import UpstreamSettings, UpstreamTLS
 
@@ -33,6 +34,18 @@ class Config:
     tls_certificate: str | None = None
     tls_key: str | None = None
     scan_timeout: float = 120.0
+    listeners: tuple[Listener, ...] = ()
+
+
+@attrs.frozen
+class Listener:
+    """One listening endpoint and what is particular to it."""
+
+    endpoint: str
+    access: AccessRules = AccessRules()
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
+    policy: Mapping[str, Any] | None = None  # keys of [policy] this listener sets otherwise
 
 
 class Table:
@@ -143,7 +156,9 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         spool_memory=server.positive("spool_memory", int, _SERVER_DEFAULTS.spool_memory),
         spool_directory=server.get("spool_directory", str, None),  # type: ignore[arg-type]
         require_tls=server.get("require_tls", bool, False),
+        access=_access(server, AccessRules()),
     )
+    proxy = _proxy(server, False, ())
     certificate = server.get("tls_certificate", str, None)  # type: ignore[arg-type]
     key = server.get("tls_key", str, None)  # type: ignore[arg-type]
     if (certificate is None) != (key is None):
@@ -171,6 +186,22 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         raise upstream.error("keep_connections", "must be 0 or more")
     upstream.check_unknown()
 
+    listeners = [Listener(endpoint, settings.access, *proxy) for endpoint in listen]
+    extra = root.raw("listeners", [])
+    if not isinstance(extra, list):
+        raise root.error("listeners", "expected [[listeners]] tables")
+    for index, data_ in enumerate(extra):
+        table = Table(source, f"listeners[{index}]", data_)
+        if not isinstance(table.data.get("endpoint"), str):
+            raise table.error("endpoint", "is required")
+        endpoint = table.get("endpoint", str, "")
+        access = _access(table, settings.access)
+        overrides = table.raw("policy")
+        if overrides is not None and not isinstance(overrides, dict):
+            raise table.error("policy", "must be a table")
+        listeners.append(Listener(endpoint, access, *_proxy(table, *proxy), policy=overrides))
+        table.check_unknown()
+
     root._read.add("scanners")
     scanners = data.get("scanners", [])
     if not isinstance(scanners, list) or not scanners:
@@ -194,4 +225,39 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         tls_certificate=certificate,
         tls_key=key,
         scan_timeout=scan_timeout,
+        listeners=tuple(listeners),
     )
+
+
+def _access(table: Table, base: AccessRules) -> AccessRules:
+    allowed = base.allowed_clients
+    if "allowed_clients" in table.data:
+        try:
+            allowed = networks(table.strings("allowed_clients", ()))
+        except ValueError as error:
+            raise table.error("allowed_clients", str(error)) from None
+    return AccessRules(
+        allowed_clients=allowed,
+        max_connections_per_client=_count(table, "max_connections_per_client", base.max_connections_per_client),
+        max_messages_per_client=_count(table, "max_messages_per_client", base.max_messages_per_client),
+        rate_window=table.positive("message_rate_window", float, base.rate_window),
+    )
+
+
+def _count(table: Table, key: str, default: int) -> int:
+    value = table.get(key, int, default)
+    if value < 0:
+        raise table.error(key, f"must be 0 (no limit) or more, got {value}")
+    return value
+
+
+def _proxy(table: Table, enabled: bool, trusted: tuple[Network, ...]) -> tuple[bool, tuple[Network, ...]]:
+    enabled = table.get("proxy_protocol", bool, enabled)
+    if "trusted_proxies" in table.data:
+        try:
+            trusted = networks(table.strings("trusted_proxies", ()))
+        except ValueError as error:
+            raise table.error("trusted_proxies", str(error)) from None
+    if enabled and not trusted:
+        raise table.error("trusted_proxies", "proxy_protocol needs the networks of the trusted proxies")
+    return enabled, trusted

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from smtpguard import replies
+from smtpguard.access import AccessRules, ClientCounters
 from smtpguard.envelope import BodyType, Client, Envelope, EnvelopeError, parse_mail, parse_rcpt
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
@@ -49,6 +50,7 @@ class ServerSettings:
     spool_directory: str | None = None
     tls: Any = None  # an IOpenSSLServerConnectionCreator enables STARTTLS
     require_tls: bool = False
+    access: AccessRules = AccessRules()
 
 
 # end of data -> (envelope, message, relay, transaction id) -> reply
@@ -78,6 +80,7 @@ class ESMTPServer(Protocol):
         self._idle: interfaces.IDelayedCall | None = None
         self._deadline: interfaces.IDelayedCall | None = None
         self._transaction_id = ""
+        self._counted = False  # in the per-client connection count
 
     @property
     def settings(self) -> ServerSettings:
@@ -101,8 +104,9 @@ class ESMTPServer(Protocol):
             esmtp=False,
             tls=interfaces.ISSLTransport.providedBy(self.transport),
         )
-        if self.factory.connections > self.settings.max_connections:
-            self._send(replies.TOO_MANY_CONNECTIONS)
+        refusal = self._admission()
+        if refusal is not None:
+            self._send(refusal)
             self._close()
             return
         reactor = self.factory.reactor
@@ -110,8 +114,22 @@ class ESMTPServer(Protocol):
         self._send(replies.SERVICE_READY.with_text(f"{self.settings.hostname} ESMTP smtpguard"))
         self._arm_idle()
 
+    def _admission(self) -> Reply | None:
+        """Why this connection may not go on, or None."""
+        assert self._client is not None
+        if not self.settings.access.allows(self._client.address):
+            return replies.ACCESS_DENIED
+        if self.factory.connections > self.settings.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if not self.factory.clients.connect(self._client.address):
+            return replies.TOO_MANY_CLIENT_CONNECTIONS
+        self._counted = True
+        return None
+
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         self.factory.connections -= 1
+        if self._counted and self._client is not None:
+            self.factory.clients.disconnect(self._client.address)
         self._closing = True
         self._cancel_timers()
         self._abandon_data()
@@ -283,6 +301,8 @@ class ESMTPServer(Protocol):
             sender, parameters = parse_mail(argument, self.settings.max_message_size)
         except EnvelopeError as error:
             return error.reply
+        if not self.factory.clients.message(self._client.address, self.factory.reactor.seconds()):
+            return replies.RATE_LIMITED
         envelope = Envelope(self._client, sender, parameters)
         if self._relay is None:
             self._relay = self.factory.next_hop.session()
@@ -522,3 +542,4 @@ class GuardFactory(Factory):
         self.process = process
         self.settings = settings
         self.connections = 0
+        self.clients = ClientCounters(settings.access)

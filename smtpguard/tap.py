@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from smtpguard import config as configuration
-from smtpguard.config import Config, ConfigError
+from smtpguard.config import Config, ConfigError, Listener
+from smtpguard.interfaces import IScanner
 from smtpguard.pipeline import Pipeline
+from smtpguard.proxyprotocol import ProxyProtocolFactory
 from smtpguard.registry import build_policy, build_scanner
 from smtpguard.scanners.chain import AllScanners
 from smtpguard.server import GuardFactory
@@ -99,28 +102,47 @@ def build_scanners(config: Config, reactor: Any) -> AllScanners:
     return AllScanners([build_scanner(table, reactor, f"{where}[{i}]") for i, table in enumerate(config.scanners)])
 
 
-def build_factory(config: Config, reactor: Any) -> GuardFactory:
-    """The listening factory for ``config``: scanners, policy and next hop wired."""
-    import attrs
+@attrs.frozen
+class Shared:
+    """What every listener of one configuration shares."""
 
-    policy = build_policy(config.policy, f"{config.source}: policy")
-    pipeline = Pipeline(reactor, build_scanners(config, reactor), policy, config.scan_timeout)
-    settings = attrs.evolve(config.server, tls=server_tls(config))
-    return GuardFactory(reactor, Upstream(reactor, config.upstream), pipeline.process, settings)
+    scanner: IScanner
+    upstream: Upstream
+
+    @classmethod
+    def build(cls, config: Config, reactor: Any) -> Shared:
+        return cls(build_scanners(config, reactor), Upstream(reactor, config.upstream))
+
+
+def build_factory(
+    config: Config, reactor: Any, listener: Listener | None = None, shared: Shared | None = None
+) -> GuardFactory:
+    """The listening factory for ``config`` (and one of its ``listener``s):
+    scanners, policy and next hop wired."""
+    shared = shared or Shared.build(config, reactor)
+    listener = listener or config.listeners[0]
+    policy_table = {**config.policy, **listener.policy} if listener.policy is not None else config.policy
+    policy = build_policy(policy_table, f"{config.source}: policy")
+    pipeline = Pipeline(reactor, shared.scanner, policy, config.scan_timeout)
+    settings = attrs.evolve(config.server, tls=server_tls(config), access=listener.access)
+    return GuardFactory(reactor, shared.upstream, pipeline.process, settings)
 
 
 def build_service(config: Config, reactor: Any) -> service.MultiService:
-    """A service listening on every ``[server] listen`` endpoint."""
-    factory = build_factory(config, reactor)
+    """A service listening on every configured endpoint."""
+    shared = Shared.build(config, reactor)
     top = service.MultiService()
-    for description in config.listen:
+    for listener in config.listeners:
+        factory: Any = build_factory(config, reactor, listener, shared)
+        if listener.proxy_protocol:
+            factory = ProxyProtocolFactory(factory, listener.trusted_proxies, reactor)
         try:
-            endpoint = serverFromString(reactor, description)
+            endpoint = serverFromString(reactor, listener.endpoint)
         except (ValueError, TypeError) as error:
-            raise ConfigError(f"{config.source}: server.listen: bad endpoint {description!r}: {error}") from None
-        listener = StreamServerEndpointService(endpoint, factory)
-        listener._raiseSynchronously = True
-        listener.setServiceParent(top)
+            raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
+        listening = StreamServerEndpointService(endpoint, factory)
+        listening._raiseSynchronously = True
+        listening.setServiceParent(top)
     return top
 
 

@@ -11,7 +11,7 @@ from twisted.python import usage
 from zope.interface.verify import verifyObject
 
 from smtpguard import config, registry
-from smtpguard.config import Config, ConfigError
+from smtpguard.config import Listener, Config, ConfigError
 from smtpguard.interfaces import IPolicy, IPolicyFactory, IScanner, IScannerFactory
 from smtpguard.server import GuardFactory, ServerSettings
 from smtpguard.tap import Options, build_factory, scanner_table
@@ -53,6 +53,7 @@ def test_minimal_config():
         tls_certificate=None,
         tls_key=None,
         scan_timeout=120.0,
+        listeners=(Listener("tcp:10025:interface=127.0.0.1"),),
     )
 
 
@@ -119,6 +120,7 @@ def test_full_config():
         tls_certificate="/etc/cert.pem",
         tls_key="/etc/key.pem",
         scan_timeout=30.0,
+        listeners=(Listener("tcp:2525"), Listener("unix:/run/smtpguard.sock")),
     )
 
 

@@ -1,0 +1,204 @@
+"""Access control (allowed networks, per-client connection and message limits)
+and the PROXY protocol, with the real client address behind a proxy."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+
+from smtpguard import config as configuration
+from smtpguard import replies, tap
+from smtpguard.access import AccessRules, ClientCounters, networks
+from smtpguard.capture import capture_factory
+from smtpguard.config import ConfigError
+from smtpguard.proxyprotocol import ProxyProtocolFactory
+from tests.conftest import listen
+from tests.test_server import HOSTNAME, Session
+
+# -- unit: admission and limits -------------------------------------------------------
+
+
+def opened(**access) -> Session:
+    return Session.open(access=AccessRules(**access))
+
+
+def test_client_outside_allowed_networks_is_refused_at_connect():
+    """A client outside allowed_clients gets 554 5.7.1 instead of the greeting, and is closed."""
+    session = opened(allowed_clients=networks(["192.0.2.0/24"]))
+    assert session.replies() == [replies.ACCESS_DENIED.to_bytes()]
+    assert session.closed
+
+
+def test_client_inside_allowed_networks_is_greeted():
+    """A client inside allowed_clients is greeted."""
+    session = opened(allowed_clients=networks(["127.0.0.0/8"]))
+    assert session.replies() == [replies.SERVICE_READY.with_text(f"{HOSTNAME} ESMTP smtpguard").to_bytes()]
+
+
+def test_connections_per_client_are_limited():
+    """Beyond max_connections_per_client from one address: 421 4.7.0; a slot frees when one closes."""
+    first = opened(max_connections_per_client=1)
+    first.replies()
+    second = first.another()
+    assert second.replies() == [replies.TOO_MANY_CLIENT_CONNECTIONS.to_bytes()]
+    second.lose()
+    first.lose()
+    third = first.another()
+    assert third.replies()[0].startswith(b"220 ")
+
+
+def test_messages_per_client_are_rate_limited():
+    """Beyond max_messages_per_client within the window, MAIL gets 450 4.7.1 until the window moves on."""
+    session = opened(max_messages_per_client=2, rate_window=60.0).hello()
+    for _ in range(2):
+        session.send(b"MAIL FROM:<a@example.com>\r\nRSET\r\n")
+    session.replies()
+    session.send(b"MAIL FROM:<a@example.com>\r\n")
+    assert session.replies() == [replies.RATE_LIMITED.to_bytes()]
+    session.clock.advance(60.0)
+    session.send(b"MAIL FROM:<a@example.com>\r\n")
+    assert session.replies() == [replies.SENDER_OK.to_bytes()]
+
+
+def test_rate_counters_forget_idle_addresses():
+    """Addresses without recent messages are forgotten: memory stays bounded."""
+    counters = ClientCounters(AccessRules(max_messages_per_client=5, rate_window=10.0))
+    for number in range(10_001):
+        counters.message(f"10.0.{number // 256}.{number % 256}", now=0.0)
+    counters.message("192.0.2.1", now=100.0)
+    assert list(counters._messages) == ["192.0.2.1"]  # the sweep forgot every address idle past the window
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"allowed_clients": ["10.0.0.300"]}, "server.allowed_clients:"),
+        ({"max_connections_per_client": -1}, "server.max_connections_per_client: must be 0"),
+        ({"proxy_protocol": True}, "server.trusted_proxies: proxy_protocol needs"),
+        ({"trusted_proxies": ["x"]}, "server.trusted_proxies:"),
+    ],
+)
+def test_access_settings_errors_name_the_key(server, message):
+    """Bad access and PROXY settings stop the start with the key."""
+    data = {"server": server, "upstream": {"endpoint": "tcp:127.0.0.1:1"}, "scanners": [{"type": "builtin"}]}
+    with pytest.raises(ConfigError) as raised:
+        configuration.parse(data, "f.toml")
+    assert str(raised.value).startswith(f"f.toml: {message}")
+
+
+def test_listeners_inherit_and_override():
+    """[[listeners]] inherit the [server] access rules and set their own, with their own policy keys."""
+    loaded = configuration.parse(
+        {
+            "server": {"listen": ["tcp:25"], "allowed_clients": ["192.0.2.0/24"]},
+            "listeners": [
+                {
+                    "endpoint": "tcp:10587",
+                    "proxy_protocol": True,
+                    "trusted_proxies": ["127.0.0.1"],
+                    "policy": {"on_virus": "discard"},
+                }
+            ],
+            "upstream": {"endpoint": "tcp:127.0.0.1:1"},
+            "scanners": [{"type": "builtin"}],
+        },
+        "f.toml",
+    )
+    inbound, submission = loaded.listeners
+    assert inbound.access.allowed_clients == submission.access.allowed_clients == networks(["192.0.2.0/24"])
+    assert (inbound.proxy_protocol, submission.proxy_protocol) == (False, True)
+    assert submission.policy == {"on_virus": "discard"}
+    services = list(tap.build_service(loaded, reactor))
+    assert isinstance(services[1].factory, ProxyProtocolFactory)
+
+
+# -- PROXY protocol over real sockets ---------------------------------------------------
+
+
+def v2_header(source: str, port: int) -> bytes:
+    addresses = socket.inet_aton(source) + socket.inet_aton("198.51.100.1") + struct.pack("!HH", port, 25)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
+
+
+async def proxied_guard(listening, tmp_path: Path, trusted: str = "127.0.0.1", **server) -> tuple[int, Path]:
+    captured = tmp_path / "captured"
+    hop = await listen(listening, capture_factory(reactor, str(captured)))
+    data = {"server": server, "upstream": {"endpoint": f"tcp:127.0.0.1:{hop}"}, "scanners": [{"type": "builtin"}]}
+    guard = tap.build_factory(configuration.parse(data, "test"), reactor)
+    port = await listen(listening, ProxyProtocolFactory(guard, networks([trusted]), reactor, header_timeout=2.0))
+    return port, captured
+
+
+def converse(port: int, header: bytes, piecewise: bool = False) -> bytes:
+    """Send ``header`` then a whole SMTP transaction; everything the server said."""
+    session = (
+        b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+        b"Subject: proxied\r\n\r\nhello\r\n.\r\nQUIT\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        if piecewise:
+            for byte in header:
+                client.sendall(bytes([byte]))
+        else:
+            client.sendall(header)
+        client.sendall(session)
+        received = b""
+        try:
+            while chunk := client.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # closed by an abort: what came before is the answer
+        return received
+
+
+@pytest.mark.parametrize(
+    ("header", "piecewise"),
+    [
+        (b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 25\r\n", False),
+        (b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 25\r\n", True),
+        (v2_header("203.0.113.5", 40000), False),
+    ],
+    ids=["v1", "v1-byte-by-byte", "v2"],
+)
+@pytest_twisted.ensureDeferred
+async def test_proxied_client_address_is_the_real_one(listening, tmp_path, header, piecewise):
+    """Behind a trusted proxy, the client's real address is what the session sees and passes on."""
+    port, captured = await proxied_guard(listening, tmp_path)
+    said = await threads.deferToThread(converse, port, header, piecewise)
+    assert said.count(b"\r\n250 ") + said.count(b"250 2.") >= 3, said
+    (meta,) = [json.loads(path.read_text()) for path in captured.glob("*.json")]
+    (eml,) = [path.read_bytes() for path in captured.glob("*.eml")]
+    assert eml.startswith(b"Received: from client.example ([203.0.113.5])")
+    assert meta["sender"] == "a@example.org"
+
+
+@pytest_twisted.ensureDeferred
+async def test_untrusted_proxy_source_is_closed(listening, tmp_path):
+    """A connection from outside trusted_proxies is closed before any greeting."""
+    port, captured = await proxied_guard(listening, tmp_path, trusted="192.0.2.0/24")
+    said = await threads.deferToThread(converse, port, b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 25\r\n")
+    assert said == b""
+    assert not captured.exists() or not list(captured.glob("*.eml"))
+
+
+@pytest.mark.parametrize("header", [b"EHLO client.example\r\n", b"PROXY TCP4 not-an-address x 1 2\r\n"])
+@pytest_twisted.ensureDeferred
+async def test_malformed_proxy_header_is_closed(listening, tmp_path, header):
+    """No PROXY header, or a malformed one, closes the connection without a greeting."""
+    port, _ = await proxied_guard(listening, tmp_path)
+    said = await threads.deferToThread(converse, port, header)
+    assert said == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_allowed_clients_apply_to_the_proxied_address(listening, tmp_path):
+    """allowed_clients judge the real client behind the proxy, not the proxy."""
+    port, _ = await proxied_guard(listening, tmp_path, allowed_clients=["127.0.0.0/8"])
+    said = await threads.deferToThread(converse, port, b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 25\r\n")
+    assert said == replies.ACCESS_DENIED.to_bytes()
