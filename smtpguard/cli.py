@@ -8,6 +8,7 @@ from typing import Any
 
 from smtpguard import config as configuration
 from smtpguard.config import ConfigError
+from smtpguard.quarantine_cli import add_commands as add_quarantine_commands
 
 
 def check_config(arguments: argparse.Namespace) -> int:
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     capturing.add_argument("--directory", default="capture", help="where messages go (default: %(default)s)")
     capturing.set_defaults(run=capture)
+    add_quarantine_commands(commands)
     arguments = parser.parse_args(argv)
     return int(arguments.run(arguments))
 

@@ -35,6 +35,7 @@ class Config:
     tls_key: str | None = None
     scan_timeout: float = 120.0
     listeners: tuple[Listener, ...] = ()
+    quarantine: Mapping[str, Any] | None = None  # the [quarantine] table, checked by its builder
 
 
 @attrs.frozen
@@ -214,6 +215,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
     scanning = root.table("scanning")
     scan_timeout = scanning.positive("timeout", float, 120.0)
     scanning.check_unknown()
+    quarantine = root.table("quarantine").data if "quarantine" in data else None
     root.check_unknown()
     return Config(
         source=source,
@@ -226,6 +228,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         tls_key=key,
         scan_timeout=scan_timeout,
         listeners=tuple(listeners),
+        quarantine=quarantine,
     )
 
 

@@ -16,9 +16,11 @@ from twisted.python import usage
 
 from smtpguard import config as configuration
 from smtpguard.config import Config, ConfigError, Listener
-from smtpguard.interfaces import IScanner
+from smtpguard.interfaces import IPolicy, IScanner
 from smtpguard.pipeline import Pipeline
+from smtpguard.policies.default import DefaultPolicy
 from smtpguard.proxyprotocol import ProxyProtocolFactory
+from smtpguard.quarantine import Quarantine, build_quarantine
 from smtpguard.registry import build_policy, build_scanner
 from smtpguard.scanners.chain import AllScanners
 from smtpguard.server import GuardFactory
@@ -108,10 +110,17 @@ class Shared:
 
     scanner: IScanner
     upstream: Upstream
+    quarantine: Quarantine | None = None
 
     @classmethod
     def build(cls, config: Config, reactor: Any) -> Shared:
-        return cls(build_scanners(config, reactor), Upstream(reactor, config.upstream))
+        quarantine = None
+        if config.quarantine is not None:
+            try:
+                quarantine = build_quarantine(config.quarantine, reactor)
+            except ConfigError as error:
+                raise ConfigError(f"{config.source}: quarantine.{error}") from None
+        return cls(build_scanners(config, reactor), Upstream(reactor, config.upstream), quarantine)
 
 
 def build_factory(
@@ -123,9 +132,18 @@ def build_factory(
     listener = listener or config.listeners[0]
     policy_table = {**config.policy, **listener.policy} if listener.policy is not None else config.policy
     policy = build_policy(policy_table, f"{config.source}: policy")
-    pipeline = Pipeline(reactor, shared.scanner, policy, config.scan_timeout)
+    if shared.quarantine is None and _keeps_copies(policy):
+        raise ConfigError(f"{config.source}: policy.quarantine: needs a [quarantine] directory")
+    pipeline = Pipeline(reactor, shared.scanner, policy, config.scan_timeout, quarantine=shared.quarantine)
     settings = attrs.evolve(config.server, tls=server_tls(config), access=listener.access)
     return GuardFactory(reactor, shared.upstream, pipeline.process, settings)
+
+
+def _keeps_copies(policy: IPolicy) -> bool:
+    if not isinstance(policy, DefaultPolicy):
+        return False
+    every = [policy.settings, *(rule.settings for rule in policy.rules)]
+    return any(settings.quarantine or settings.quarantine_dropped for settings in every)
 
 
 def build_service(config: Config, reactor: Any) -> service.MultiService:

@@ -11,6 +11,7 @@ from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 
@@ -38,7 +39,12 @@ def message(body: bytes, subject: str = "Quarterly report", extra: bytes = b"") 
 
 
 async def run(
-    listening, tmp_path: Path, policy: dict[str, Any], body: bytes, scanners: list[dict[str, Any]] | None = None
+    listening,
+    tmp_path: Path,
+    policy: dict[str, Any],
+    body: bytes,
+    scanners: list[dict[str, Any]] | None = None,
+    **sections: Any,
 ) -> tuple[Any, list[tuple[bytes, dict[str, Any]]], int]:
     """Send one message through a guard with ``policy``; (the client's final reply,
     the captured messages, the guard's port)."""
@@ -49,6 +55,7 @@ async def run(
         "upstream": {"endpoint": f"tcp:127.0.0.1:{hop}"},
         "scanners": scanners or [{"type": "builtin"}],
         "policy": policy,
+        **sections,
     }
     guard = await listen(listening, tap.build_factory(configuration.parse(data, "test"), reactor))
 
@@ -144,3 +151,37 @@ async def test_error_defer_answers_451(listening, tmp_path):
     """fail_mode = "defer" (the default): 451 4.7.1, nothing relayed."""
     reply, stored, _ = await run(listening, tmp_path, {}, b"harmless", BROKEN_SCANNER)
     assert (reply[0], reply[1][:5], stored) == (451, b"4.7.1", [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantine_keeps_the_original_and_releases_it(listening, tmp_path):
+    """With quarantine = true the infected original is kept while a notice is delivered;
+    a release re-injects the original to the original recipient."""
+    from smtpguard.quarantine import Quarantine
+    from smtpguard.upstream import Upstream, UpstreamSettings
+
+    vault = tmp_path / "quarantine"
+    policy = {"on_virus": "replace", "quarantine": True}
+    reply, stored, _ = await run(listening, tmp_path, policy, EICAR, quarantine={"directory": str(vault)})
+    assert reply[0] == 250 and len(stored) == 1 and EICAR not in stored[0][0]
+    quarantine = Quarantine(str(vault), reactor)
+    (entry,) = quarantine.list()
+    assert EICAR in (vault / f"{entry.id}.eml").read_bytes()
+    hop = await listen(listening, capture_factory(reactor, str(tmp_path / "released")))
+    released = await quarantine.release(entry.id, Upstream(reactor, UpstreamSettings(f"tcp:127.0.0.1:{hop}")))
+    assert released.code == 250
+    ((raw, meta),) = [
+        (path.read_bytes(), json.loads(path.with_suffix(".json").read_text()))
+        for path in (tmp_path / "released").glob("*.eml")
+    ]
+    assert EICAR in raw and meta["recipients"] == [RECIPIENT] and meta["sender"] == SENDER
+    assert quarantine.list() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantine_without_a_directory_is_a_configuration_error(listening, tmp_path):
+    """quarantine = true without a [quarantine] directory stops the start, naming the key."""
+    from smtpguard.config import ConfigError
+
+    with pytest.raises(ConfigError, match="policy.quarantine: needs a \\[quarantine\\] directory"):
+        await run(listening, tmp_path, {"quarantine": True}, EICAR)
