@@ -183,5 +183,5 @@ async def test_quarantine_without_a_directory_is_a_configuration_error(listening
     """quarantine = true without a [quarantine] directory stops the start, naming the key."""
     from smtpguard.config import ConfigError
 
-    with pytest.raises(ConfigError, match="policy.quarantine: needs a \\[quarantine\\] directory"):
+    with pytest.raises(ConfigError, match=r"policy\.quarantine: needs a \[quarantine\] directory"):
         await run(listening, tmp_path, {"quarantine": True}, EICAR)

@@ -11,7 +11,7 @@ from twisted.python import usage
 from zope.interface.verify import verifyObject
 
 from smtpguard import config, registry
-from smtpguard.config import Listener, Config, ConfigError
+from smtpguard.config import Config, ConfigError, Listener
 from smtpguard.interfaces import IPolicy, IPolicyFactory, IScanner, IScannerFactory
 from smtpguard.server import GuardFactory, ServerSettings
 from smtpguard.tap import Options, build_factory, scanner_table
