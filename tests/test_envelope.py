@@ -193,10 +193,15 @@ def test_mail_body(value, body):
 
 
 def test_mail_body_unsupported():
-    """BODY=BINARYMIME is not offered: 555."""
-    assert mail_error("FROM:<a@example.com> BODY=BINARYMIME") == replies.UNKNOWN_PARAMETER.with_text(
+    """An unknown BODY type: 555."""
+    assert mail_error("FROM:<a@example.com> BODY=UTF16") == replies.UNKNOWN_PARAMETER.with_text(
         "Unsupported BODY type"
     )
+
+
+def test_mail_body_binarymime():
+    """BODY=BINARYMIME (RFC 3030) is accepted."""
+    assert parse_mail("FROM:<a@example.com> BODY=BINARYMIME", 0)[1].body is BodyType.BINARYMIME
 
 
 def test_mail_envid_xtext_decoded():
