@@ -843,7 +843,7 @@ def test_patterns_file_and_inline_patterns(tmp_path: Path) -> None:
             {"patterns": ["Test:zz"]},
             "patterns: line 1: Test: 'zz' is not an even number of hex digits (wildcards are not supported)",
         ),
-        ({"color": "blue"}, "color: unknown key for the builtin scanner"),
+        ({"color": "blue"}, "color: unknown key"),
     ],
 )
 def test_configuration_errors_name_the_key(config: dict[str, Any], message: str) -> None:

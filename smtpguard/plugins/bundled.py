@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from smtpguard.config import ConfigError
+from smtpguard.config import ConfigError, Table, options
 from smtpguard.policies.default import DefaultPolicy
+from smtpguard.policies.options import build_policy
 from smtpguard.registry import PolicyPlugin, ScannerPlugin
-from smtpguard.scanners.builtin import BuiltinScanner
+from smtpguard.scanners.builtin import DEFAULT_TIMEOUT, BuiltinScanner
+from smtpguard.scanners.mimewalk import Limits
+from smtpguard.scanners.signatures import Pattern, SignatureError, Signatures, parse_digests, parse_patterns
 
 
 def _no_options(kind: str, config: Mapping[str, Any]) -> None:
@@ -17,19 +20,56 @@ def _no_options(kind: str, config: Mapping[str, Any]) -> None:
 
 
 def _builtin(config: Mapping[str, Any], reactor: Any) -> BuiltinScanner:
-    _no_options("builtin scanner", config)
-    return BuiltinScanner()
+    table = options(config)
+    defaults = Limits()
+    limits = Limits(
+        max_depth=table.positive("max_depth", int, defaults.max_depth),
+        max_parts=table.positive("max_parts", int, defaults.max_parts),
+        max_expanded_size=table.positive("max_expanded_size", int, defaults.max_expanded_size),
+    )
+    timeout = table.positive("timeout", float, DEFAULT_TIMEOUT)
+    digests: dict[str, str] = {}
+    patterns: list[Pattern] = []
+    for key, parse, lines in (
+        ("sha256_file", parse_digests, _signature_file(table, "sha256_file")),
+        ("sha256", parse_digests, table.strings("sha256", ())),
+        ("patterns_file", parse_patterns, _signature_file(table, "patterns_file")),
+        ("patterns", parse_patterns, table.strings("patterns", ())),
+    ):
+        try:
+            parsed = parse(lines)
+        except SignatureError as error:
+            where = f"{table.data[key]}: " if key.endswith("_file") else ""
+            raise table.error(key, f"{where}{error}") from None
+        if isinstance(parsed, dict):
+            digests.update(parsed)
+        else:
+            patterns.extend(parsed)
+    table.check_unknown()
+    return BuiltinScanner(reactor, Signatures.build(digests, patterns), limits, timeout)
+
+
+def _signature_file(table: Table, key: str) -> list[str]:
+    """The lines of the signature list that ``key`` names (none when it is not set)."""
+    path = table.get(key, str, "")
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise table.error(key, f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
 
 
 def _default_policy(config: Mapping[str, Any]) -> DefaultPolicy:
-    supported = {"on_virus": "reject", "fail_mode": "defer"}
-    for key, value in config.items():
-        if key not in supported:
-            raise ConfigError(f"{key}: unknown key for the default policy")
-        if value != supported[key]:
-            raise ConfigError(f"{key}: only {supported[key]!r} is supported, got {value!r}")
-    return DefaultPolicy()
+    return build_policy(config)
 
 
-builtin = ScannerPlugin("builtin", "Pure-Python scanner, needs no daemon (EICAR test file)", _builtin)
-default = PolicyPlugin("default", "Infected: reject (554 5.7.1); scan error: defer (451 4.7.1)", _default_policy)
+builtin = ScannerPlugin(
+    "builtin",
+    "Pure-Python scanner, needs no daemon: MIME, uuencode and zip; EICAR, SHA-256 and byte-pattern lists",
+    _builtin,
+)
+default = PolicyPlugin(
+    "default", "The appliance semantics: replace, reject, discard or pass; drop, pass or defer", _default_policy
+)

@@ -1,0 +1,445 @@
+"""Walks a message down to the files it carries: MIME parts (decoded), uuencoded
+blocks, attached messages and zip archives, within limits of depth, count and size.
+
+It only finds and decodes; what to look for in each file is the caller's
+:class:`Inspector`.  Malformed input never raises: it becomes a :class:`Problem`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import email.policy
+import io
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from email.header import decode_header, make_header
+from email.message import Message as EmailMessage
+from email.parser import BytesFeedParser
+from typing import IO, Any, Protocol, TypeVar
+
+import attrs
+
+from smtpguard.results import ErrorKind
+
+T = TypeVar("T")
+
+CHUNK_SIZE = 256 * 1024
+# Nested archives and messages are spooled to be opened; beyond this they go to disk.
+SPOOL_MEMORY = 4 * 1024 * 1024
+BODY = "(body)"
+HEAD = 4096  # bytes looked at to tell what a file is
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+_ZIP_TYPES = {"application/zip", "application/x-zip", "application/x-zip-compressed"}
+_MESSAGE_TYPES = {"message/rfc822", "message/global"}
+_DECODED = {"base64", "quoted-printable", "x-uuencode", "uuencode", "x-uue", "uue"}
+_UU_BEGIN = re.compile(rb"^begin[ \t]+[0-7]{3,4}[ \t]+([^\r\n]*?)[ \t]*\r?$", re.MULTILINE)
+_UU_END = re.compile(rb"^end[ \t]*\r?$", re.MULTILINE)
+# Runs of base64-looking lines: what a part without (or with a wrong)
+# Content-Transfer-Encoding, or a multipart whose boundary is broken, may still carry.
+_BASE64_RUN = re.compile(
+    rb"^[A-Za-z0-9+/]{16,}={0,2}[ \t]*\r?(?:\n|\Z)(?:[A-Za-z0-9+/]{4,}={0,2}[ \t]*\r?(?:\n|\Z))*", re.MULTILINE
+)
+_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_NOT_BASE64 = bytes(byte for byte in range(256) if byte not in _BASE64_ALPHABET)
+_BOUNDARY_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-])[ \t]*\r?$", re.MULTILINE)
+_HEADER_START = re.compile(rb"[!-9;-~]+:[ \t]")
+_MESSAGE_HEADER = re.compile(rb"^(?:mime-version|content-type|received|message-id|return-path):", re.I | re.M)
+
+
+class FileSink(Protocol):
+    def update(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Inspector(Protocol):
+    """What the walk hands each file it finds to, by path (``outer.zip/inner.txt``)."""
+
+    def file(self, path: str) -> FileSink:
+        """A file whose contents are to be looked at."""
+
+    def container(self, path: str) -> FileSink:
+        """An archive or message whose members the walk visits one by one."""
+
+
+@attrs.frozen
+class Limits:
+    """How far the walk goes: nested archives and messages (``max_depth``), parts and
+    members visited (``max_parts``) and bytes produced by decoding (``max_expanded_size``)."""
+
+    max_depth: int = 8
+    max_parts: int = 1000
+    max_expanded_size: int = 100 * 1024 * 1024
+
+
+@attrs.frozen
+class Problem:
+    """Something the walk could not look inside, and why."""
+
+    kind: ErrorKind
+    detail: str
+
+
+class _Abort(Exception):
+    """Ends the walk; the per-file error handling lets it through."""
+
+
+class _Unparsable(Exception):
+    """The email parser itself failed (it is lenient: this is a last resort)."""
+
+
+class LimitExceeded(_Abort):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.detail)
+        self.problem = problem
+
+
+class Stopped(_Abort):
+    """The caller asked the walk to stop (its deadline passed)."""
+
+
+# -- pure helpers ---------------------------------------------------------------------
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix and name else prefix or name
+
+
+def printable(name: str, limit: int = 200) -> str:
+    """A file name safe to put in a log line, a reply or a notice."""
+    text = "".join(character if character.isprintable() else "?" for character in name.strip())
+    return text[:limit]
+
+
+def part_name(part: EmailMessage) -> str:
+    """The part's file name (RFC 2231 and RFC 2047 decoded), or "" when it has none."""
+    try:
+        name = part.get_filename() or ""
+        if "=?" in name:
+            name = str(make_header(decode_header(name)))
+    except Exception:  # a broken parameter only costs the name
+        return ""
+    return printable(name)
+
+
+def transfer_encoding(part: EmailMessage) -> str:
+    """The Content-Transfer-Encoding, lower-cased, without quotes, spaces or parameters."""
+    try:
+        value = str(part.get("content-transfer-encoding", "")).strip().strip('"').lower()
+    except Exception:  # an undecodable header value: as good as none
+        return ""
+    found = re.match(r"[a-z0-9-]*", value)
+    return found.group(0) if found else ""
+
+
+def decode_base64(data: bytes) -> bytes:
+    """Lenient base64: junk characters skipped, bad padding forgiven, and data after
+    a padded end (concatenated encodings) not dropped."""
+    stripped = data.translate(None, _NOT_BASE64).rstrip(b"=")
+    decoded = []
+    for segment in re.split(rb"=+", stripped) if b"=" in stripped else [stripped]:
+        if len(segment) % 4 == 1:
+            segment = segment[:-1]
+        if segment:
+            decoded.append(binascii.a2b_base64(segment + b"=" * (-len(segment) % 4)))
+    return b"".join(decoded)
+
+
+def decode_uu_lines(data: bytes) -> bytes:
+    decoded = []
+    for line in data.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line or line in (b"`", b" "):
+            continue
+        try:
+            decoded.append(binascii.a2b_uu(line))
+        except binascii.Error:
+            # Some encoders leave junk past a line's declared length: decode only that.
+            length = (((line[0] - 32) & 63) * 4 + 5) // 3
+            try:
+                decoded.append(binascii.a2b_uu(line[:length]))
+            except binascii.Error:
+                continue
+    return b"".join(decoded)
+
+
+def uu_blocks(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """The ``begin MODE NAME`` ... ``end`` blocks in ``data``: (name, decoded bytes)."""
+    if b"begin" not in data:
+        return
+    position = 0
+    while (begin := _UU_BEGIN.search(data, position)) is not None:
+        end = _UU_END.search(data, begin.end())
+        stop = end.start() if end is not None else len(data)
+        name = printable(begin.group(1).decode("utf-8", "replace")) or "(uuencoded)"
+        yield name, decode_uu_lines(data[begin.end() : stop])
+        position = end.end() if end is not None else len(data)
+
+
+def base64_runs(data: bytes) -> Iterator[bytes]:
+    """Decoded runs of base64-looking lines (24 characters at least) in ASCII ``data``."""
+    if not data.isascii():
+        return
+    for run in _BASE64_RUN.finditer(data):
+        if run.end() - run.start() >= 24:
+            yield decode_base64(run.group(0))
+
+
+def is_zip(head: bytes, name: str, content_type: str = "") -> bool:
+    return head.startswith(_ZIP_MAGIC) or name.lower().endswith(".zip") or content_type in _ZIP_TYPES
+
+
+def is_message(head: bytes, name: str, content_type: str = "", sniff: bool = False) -> bool:
+    """An attached message: by type or name, or (``sniff``, for archive members that
+    have no type) by a start that reads like a mail header."""
+    if content_type in _MESSAGE_TYPES or name.lower().endswith(".eml"):
+        return True
+    return sniff and _HEADER_START.match(head) is not None and _MESSAGE_HEADER.search(head) is not None
+
+
+def rediscovered(body: bytes) -> EmailMessage | None:
+    """A multipart whose boundary parameter is missing or wrong, re-parsed with the
+    boundary its body actually uses (the first ``--token`` line that recurs)."""
+    lines = _BOUNDARY_LINE.finditer(body)
+    first = next(lines, None)
+    if first is None:
+        return None
+    boundary = first.group(1)
+    if not any(line.group(1) in (boundary, boundary + b"--") for line in lines):
+        return None
+    parser = BytesFeedParser(policy=email.policy.compat32)
+    parser.feed(b'Content-Type: multipart/mixed; boundary="' + boundary.replace(b'"', b"") + b'"\r\n\r\n')
+    parser.feed(body)
+    message = parser.close()
+    return message if message.is_multipart() else None
+
+
+def _parser_step(step: Callable[..., T], *arguments: Any) -> T:
+    try:
+        return step(*arguments)
+    except (_Abort, RecursionError):
+        raise
+    except Exception as error:  # the parser is lenient: this is a last resort
+        raise _Unparsable(repr(error)) from error
+
+
+def _read_back(spool: IO[bytes]) -> Iterator[bytes]:
+    spool.seek(0)
+    while chunk := spool.read(CHUNK_SIZE):
+        yield chunk
+
+
+def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+# -- the walk -------------------------------------------------------------------------
+
+
+class Walker:
+    """One walk of one message: :meth:`walk` hands every file to ``inspector`` and
+    returns the problems met.  ``stopped`` is polled between parts and chunks."""
+
+    def __init__(self, limits: Limits, inspector: Inspector, stopped: Callable[[], bool] = lambda: False) -> None:
+        self._limits = limits
+        self._inspector = inspector
+        self._stopped = stopped
+        self.problems: list[Problem] = []
+        self.parts = 0
+        self.expanded = 0
+
+    def walk(self, chunks: Iterable[bytes]) -> list[Problem]:
+        """Walk the message in ``chunks``.  Raises :class:`Stopped`, and whatever reading
+        ``chunks`` raises; malformed content only ever becomes a problem."""
+        try:
+            self._parsed(chunks, depth=0, prefix="")
+        except LimitExceeded as exceeded:
+            self.problems.append(exceeded.problem)
+        except RecursionError:  # the parser recurses once per nested multipart
+            self.problems.append(Problem(ErrorKind.DECOMPRESS_LAYER, "nested too deeply to parse"))
+        return self.problems
+
+    # accounting
+
+    def _problem(self, kind: ErrorKind, detail: str) -> None:
+        self.problems.append(Problem(kind, detail))
+
+    def _too_deep(self, depth: int, path: str) -> bool:
+        """Whether opening a container at ``depth`` goes past the limit (then noted)."""
+        if depth < self._limits.max_depth:
+            return False
+        self._problem(ErrorKind.DECOMPRESS_LAYER, f"{path}: more than {self._limits.max_depth} nested layers")
+        return True
+
+    def _count_part(self, path: str) -> None:
+        if self._stopped():
+            raise Stopped()
+        self.parts += 1
+        if self.parts > self._limits.max_parts:
+            detail = f"{path}: more than {self._limits.max_parts} parts"
+            raise LimitExceeded(Problem(ErrorKind.CONTENT_SIZE, detail))
+
+    def _expand(self, size: int, path: str) -> None:
+        if self._stopped():
+            raise Stopped()
+        self.expanded += size
+        if self.expanded > self._limits.max_expanded_size:
+            detail = f"{path}: more than {self._limits.max_expanded_size} bytes decoded"
+            raise LimitExceeded(Problem(ErrorKind.CONTENT_SIZE, detail))
+
+    # messages
+
+    def _parsed(self, chunks: Iterable[bytes], depth: int, prefix: str) -> None:
+        """Parse and walk the message in ``chunks``, whose contents are at ``depth``."""
+        parser = BytesFeedParser(policy=email.policy.compat32)
+        try:
+            # Only the parser's own failures are the content's fault: an error reading
+            # ``chunks`` (a closed spool, say) goes on up.
+            for chunk in chunks:
+                _parser_step(parser.feed, chunk)
+            message = _parser_step(parser.close)
+        except _Unparsable as error:
+            self._problem(ErrorKind.CORRUPT_FILE, f"{prefix or 'message'}: cannot parse: {error}")
+            return
+        self._message(message, depth, prefix)
+
+    def _message(self, root: EmailMessage, depth: int, prefix: str) -> None:
+        """Every part of ``root``, in order.  Nested multiparts use a stack of our own,
+        not recursion: only attached messages and archives add depth."""
+        stack: list[tuple[EmailMessage, bool]] = [(root, False)]
+        while stack:
+            part, repaired = stack.pop()
+            name = part_name(part)
+            path = join(prefix, name or BODY)
+            self._count_part(path)
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                children = [child for child in payload if isinstance(child, EmailMessage)]
+                if part.get_content_maintype() != "message":
+                    stack.extend((child, False) for child in reversed(children))
+                elif not self._too_deep(depth, join(prefix, name or "(message)")):
+                    for child in children:
+                        self._message(child, depth + 1, join(prefix, name))
+                continue
+            data = self._decoded(part, payload, path)
+            if part.get_content_maintype() == "multipart" and not repaired:
+                repair = rediscovered(data)
+                if repair is not None:
+                    stack.append((repair, True))
+                    continue
+            self._file(data, path, depth, name, part.get_content_type())
+            self._embedded(data, part, prefix, path, depth)
+
+    def _decoded(self, part: EmailMessage, payload: object, path: str) -> bytes:
+        if not isinstance(payload, str):
+            return b""
+        # The bytes parser keeps 8-bit bytes as surrogates: this gives them back exactly.
+        raw = payload.encode("utf-8", "surrogateescape")
+        encoding = transfer_encoding(part)
+        if encoding not in _DECODED:
+            return raw
+        if encoding == "base64":
+            data = decode_base64(raw)
+        elif encoding == "quoted-printable":
+            data = binascii.a2b_qp(raw)
+        else:
+            blocks = [block for _, block in uu_blocks(raw)]
+            data = b"".join(blocks) if blocks else decode_uu_lines(raw)
+        self._expand(len(data), path)
+        return data
+
+    def _embedded(self, data: bytes, part: EmailMessage, prefix: str, path: str, depth: int) -> None:
+        """Files hidden in a part's text: uuencoded blocks, and base64 the part did not
+        declare (no or a wrong Content-Transfer-Encoding, a broken multipart)."""
+        for name, block in uu_blocks(data):
+            block_path = join(prefix, name)
+            self._count_part(block_path)
+            self._expand(len(block), block_path)
+            self._file(block, block_path, depth, name)
+        if transfer_encoding(part) in _DECODED:
+            return
+        for block in base64_runs(data):
+            self._expand(len(block), path)
+            self._inspect(self._inspector.file(path), (block,))
+
+    # files
+
+    def _inspect(self, sink: FileSink, chunks: Iterable[bytes]) -> None:
+        try:
+            for chunk in chunks:
+                sink.update(chunk)
+        finally:
+            sink.close()
+
+    def _file(self, data: bytes, path: str, depth: int, name: str, content_type: str = "") -> None:
+        """A decoded file in memory: an archive or message is opened, anything else
+        (or a container too deep to open) inspected."""
+        head = data[:HEAD]
+        zipped = is_zip(head, name, content_type)
+        # Already in memory: opened in place, not copied.
+        if (zipped or is_message(head, name, content_type)) and self._container(io.BytesIO(data), path, depth, zipped):
+            return
+        self._inspect(self._inspector.file(path), (data,))
+
+    def _container(self, spool: IO[bytes], path: str, depth: int, zipped: bool) -> bool:
+        """Open ``spool`` (at ``depth``) as a zip archive or a message; False when it is
+        too deep or cannot be opened, for the caller to inspect it as a plain file."""
+        if self._too_deep(depth, path):
+            return False
+        if zipped:
+            try:
+                archive = zipfile.ZipFile(spool)
+            except Exception as error:
+                self._problem(ErrorKind.CORRUPT_FILE, f"{path}: not a readable zip archive: {error}")
+                return False
+            self._inspect(self._inspector.container(path), _read_back(spool))
+            with archive:
+                self._archive(archive, path, depth + 1)
+            return True
+        self._inspect(self._inspector.container(path), _read_back(spool))
+        self._parsed(_read_back(spool), depth + 1, path)
+        return True
+
+    def _archive(self, archive: zipfile.ZipFile, prefix: str, depth: int) -> None:
+        """Every member of ``archive``, whose contents are at ``depth``."""
+        for info in archive.infolist():
+            path = join(prefix, printable(info.filename) or "(unnamed)")
+            self._count_part(path)
+            if info.is_dir():
+                continue
+            if info.flag_bits & 0x1:
+                self._problem(ErrorKind.PASSWORD_PROTECTED, f"{path}: encrypted archive member")
+                continue
+            try:
+                with archive.open(info) as member:
+                    self._member(member, path, depth, info.filename)
+            except _Abort:
+                raise
+            except Exception as error:  # bad CRC, truncated or undecodable data, unsupported method
+                self._problem(ErrorKind.CORRUPT_FILE, f"{path}: {error or type(error).__name__}")
+
+    def _member(self, member: IO[bytes], path: str, depth: int, name: str) -> None:
+        """One archive member, read in bounded chunks: what counts is the bytes it
+        actually decompresses to, never the size the archive declares."""
+
+        def chunks() -> Iterator[bytes]:
+            while chunk := member.read(CHUNK_SIZE):
+                self._expand(len(chunk), path)
+                yield chunk
+
+        stream = chunks()
+        first = next(stream, b"")
+        head = first[:HEAD]
+        zipped = is_zip(head, name)
+        if (zipped or is_message(head, name, sniff=True)) and not self._too_deep(depth, path):
+            with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY) as spool:
+                for chunk in _chain(first, stream):
+                    spool.write(chunk)
+                if not self._container(spool, path, depth, zipped):
+                    self._inspect(self._inspector.file(path), _read_back(spool))
+            return
+        self._inspect(self._inspector.file(path), _chain(first, stream))
