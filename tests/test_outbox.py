@@ -229,6 +229,25 @@ def test_connection_failure_is_retried(clock: Clock, hop: Hop, tmp_path: Path) -
     assert box.pending()[0].next_attempt == 1060.0
 
 
+def test_a_next_hop_that_raises_is_retried(clock: Clock, hop: Hop, tmp_path: Path) -> None:
+    """A next hop breaking its contract (raising instead of replying) counts as a
+    temporary failure: the notice stays for the next attempt."""
+
+    def broken(envelope: object) -> Reply:
+        raise RuntimeError("bug in a next hop")
+
+    hop.mail_reply = broken
+    box = outbox(clock, hop, tmp_path)
+    box.start()
+    notice = box.add("alice@example.org", MESSAGE, "sender", "T1")
+    outcome = box.watch(notice.id)
+
+    clock.advance(0)
+
+    assert outcome.result == Outcome.RETRY
+    assert header(tmp_path, notice.id)["last_reply"] == "451 4.3.0 Local error in processing, try again later"
+
+
 def test_5xx_drops_the_notice(clock: Clock, hop: Hop, tmp_path: Path) -> None:
     """A 5xx to RCPT drops the notice: its file is removed and it is not tried again."""
     hop.rcpt_reply = lambda recipient: NO_SUCH_USER
