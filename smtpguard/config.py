@@ -36,6 +36,7 @@ class Config:
     scan_timeout: float = 120.0
     listeners: tuple[Listener, ...] = ()
     quarantine: Mapping[str, Any] | None = None  # the [quarantine] table, checked by its builder
+    notifications: Mapping[str, Any] | None = None  # the [notifications] table, checked by its builder
 
 
 @attrs.frozen
@@ -216,6 +217,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
     scan_timeout = scanning.positive("timeout", float, 120.0)
     scanning.check_unknown()
     quarantine = root.table("quarantine").data if "quarantine" in data else None
+    notifications = root.table("notifications").data if "notifications" in data else None
     root.check_unknown()
     return Config(
         source=source,
@@ -229,6 +231,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         scan_timeout=scan_timeout,
         listeners=tuple(listeners),
         quarantine=quarantine,
+        notifications=notifications,
     )
 
 

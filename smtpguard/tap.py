@@ -17,6 +17,7 @@ from twisted.python import usage
 from smtpguard import config as configuration
 from smtpguard.config import Config, ConfigError, Listener
 from smtpguard.interfaces import IPolicy, IScanner
+from smtpguard.notifiers import Notifier, NotifierService, build_notifier
 from smtpguard.pipeline import Pipeline
 from smtpguard.policies.default import DefaultPolicy
 from smtpguard.proxyprotocol import ProxyProtocolFactory
@@ -111,16 +112,24 @@ class Shared:
     scanner: IScanner
     upstream: Upstream
     quarantine: Quarantine | None = None
+    notifier: Notifier | None = None
 
     @classmethod
     def build(cls, config: Config, reactor: Any) -> Shared:
-        quarantine = None
+        quarantine = notifier = None
         if config.quarantine is not None:
             try:
                 quarantine = build_quarantine(config.quarantine, reactor)
             except ConfigError as error:
                 raise ConfigError(f"{config.source}: quarantine.{error}") from None
-        return cls(build_scanners(config, reactor), Upstream(reactor, config.upstream), quarantine)
+        if config.notifications is not None:
+            # A next-hop client of its own, keeping no connections: notices are rare.
+            hop = Upstream(reactor, attrs.evolve(config.upstream, keep_connections=0))
+            try:
+                notifier = build_notifier(config.notifications, hop, config.server.hostname, reactor)
+            except ConfigError as error:
+                raise ConfigError(f"{config.source}: notifications.{error}") from None
+        return cls(build_scanners(config, reactor), Upstream(reactor, config.upstream), quarantine, notifier)
 
 
 def build_factory(
@@ -132,24 +141,32 @@ def build_factory(
     listener = listener or config.listeners[0]
     policy_table = {**config.policy, **listener.policy} if listener.policy is not None else config.policy
     policy = build_policy(policy_table, f"{config.source}: policy")
-    if shared.quarantine is None and _keeps_copies(policy):
+    if shared.quarantine is None and _any_setting(policy, "quarantine", "quarantine_dropped"):
         raise ConfigError(f"{config.source}: policy.quarantine: needs a [quarantine] directory")
-    pipeline = Pipeline(reactor, shared.scanner, policy, config.scan_timeout, quarantine=shared.quarantine)
+    if shared.notifier is None and _any_setting(policy, "notify_sender_on_virus", "notify_sender_on_error_drop"):
+        raise ConfigError(f"{config.source}: policy.notify_sender_on_virus: needs a [notifications] table")
+    pipeline = Pipeline(
+        reactor, shared.scanner, policy, config.scan_timeout, quarantine=shared.quarantine, notifier=shared.notifier
+    )
     settings = attrs.evolve(config.server, tls=server_tls(config), access=listener.access)
     return GuardFactory(reactor, shared.upstream, pipeline.process, settings)
 
 
-def _keeps_copies(policy: IPolicy) -> bool:
+def _any_setting(policy: IPolicy, *flags: str) -> bool:
+    """Whether the policy or any of its banks turns on one of ``flags``."""
     if not isinstance(policy, DefaultPolicy):
         return False
     every = [policy.settings, *(rule.settings for rule in policy.rules)]
-    return any(settings.quarantine or settings.quarantine_dropped for settings in every)
+    return any(getattr(settings, flag) for settings in every for flag in flags)
 
 
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     """A service listening on every configured endpoint."""
     shared = Shared.build(config, reactor)
     top = service.MultiService()
+    if shared.notifier is not None:
+        # Started before the listeners and stopped after them.
+        NotifierService(shared.notifier).setServiceParent(top)  # type: ignore[no-untyped-call]
     for listener in config.listeners:
         factory: Any = build_factory(config, reactor, listener, shared)
         if listener.proxy_protocol:

@@ -185,3 +185,62 @@ async def test_quarantine_without_a_directory_is_a_configuration_error(listening
 
     with pytest.raises(ConfigError, match=r"policy\.quarantine: needs a \[quarantine\] directory"):
         await run(listening, tmp_path, {"quarantine": True}, EICAR)
+
+
+@pytest_twisted.ensureDeferred
+async def test_notices_reach_sender_and_admin_through_the_proxy(listening, tmp_path):
+    """With notify_sender_on_virus and an admin, the twistd-built service sends a DSN
+    (with the ENVID and ORCPT) to the sender and a notice to the admin, both with
+    MAIL FROM:<>, through the next hop, after the client's reply."""
+    from email.message import EmailMessage
+
+    from twisted.internet import task
+
+    captured = tmp_path / "captured"
+    hop = await listen(listening, capture_factory(reactor, str(captured)))
+    data = {
+        "server": {"hostname": "guard.test", "listen": ["tcp:0:interface=127.0.0.1"]},
+        "upstream": {"endpoint": f"tcp:127.0.0.1:{hop}"},
+        "scanners": [{"type": "builtin"}],
+        "policy": {"on_virus": "replace", "notify_sender_on_virus": True},
+        "notifications": {"outbox": str(tmp_path / "outbox"), "admin": "security@example.net"},
+    }
+    service = tap.build_service(configuration.parse(data, "test"), reactor)
+    service.startService()
+    try:
+        listener = list(service)[-1]
+        port = (await listener._waitingForPort).getHost().port
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=20) as client:
+                client.ehlo()
+                assert client.mail(SENDER, ["ENVID=QQ314159"])[0] == 250
+                assert client.rcpt(RECIPIENT, ["NOTIFY=FAILURE", "ORCPT=rfc822;bob@example.net"])[0] == 250
+                return client.data(message(EICAR))
+
+        assert (await threads.deferToThread(send))[0] == 250
+        for _ in range(100):
+            if len(list(captured.glob("*.eml"))) >= 3:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+    finally:
+        await service.stopService()
+    stored = {}
+    for eml in captured.glob("*.eml"):
+        meta = json.loads(eml.with_suffix(".json").read_text())
+        stored[tuple(meta["recipients"])] = (
+            meta["sender"],
+            message_from_bytes(eml.read_bytes(), policy=default_policy),
+        )
+    assert set(stored) == {(RECIPIENT,), (SENDER,), ("security@example.net",)}
+    dsn_sender, dsn = stored[(SENDER,)]
+    assert dsn_sender == "" and dsn.get_content_type() == "multipart/report"
+    status = next(part for part in dsn.walk() if part.get_content_type() == "message/delivery-status")
+    text = status.as_string()
+    assert "Original-Envelope-Id: QQ314159" in text
+    assert "Original-Recipient: rfc822;bob@example.net" in text
+    assert "Action: failed" in text and "Status: 5.7.1" in text
+    assert EICAR not in dsn.as_bytes()
+    admin_sender, admin = stored[("security@example.net",)]
+    assert admin_sender == "" and "Eicar-Test-Signature" in admin.get_content()
+    assert isinstance(admin, EmailMessage)
