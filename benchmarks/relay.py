@@ -1,13 +1,28 @@
 #!/usr/bin/env python3
-"""Message throughput of smtpguard, side by side with what bounds it.
+"""Message throughput of smtpguard, side by side with what bounds it and with ClamSMTP.
 
-Three configurations, all on 127.0.0.1, driven by Postfix's smtp-source:
+Up to five configurations, all on 127.0.0.1, driven by Postfix's smtp-source:
 
 * ``direct``: smtp-source -> smtp-sink (the ceiling: two C programs);
-* ``smtpguard``: smtp-source -> smtpguard (built-in scanner) -> smtp-sink;
+
+with ``--engine builtin``:
+
+* ``smtpguard builtin``: smtp-source -> smtpguard (built-in scanner) -> smtp-sink;
 * ``twisted.mail``: smtp-source -> a bare twisted.mail ESMTP server that collects
   each message line by line and throws it away at the end of data (receive only,
-  no relay): what a naive Twisted server costs.
+  no relay): what a naive Twisted server costs;
+
+with ``--engine clamd`` (a private clamd, one EICAR signature, its cache off):
+
+* ``ClamSMTP clamd``: smtp-source -> clamsmtpd -> smtp-sink, clamsmtpd scanning
+  each message with that clamd (it writes the message to a file and sends SCAN);
+* ``smtpguard clamd``: smtp-source -> smtpguard (``--scanner clamd:unix:SOCKET``)
+  -> smtp-sink, scanning with the same clamd (INSTREAM).
+
+The default is both engines: all five configurations, ``direct`` shared.  Before
+measuring, an EICAR message is sent through each proxy: it must be refused or
+dropped, never reach smtp-sink.  At the end, each proxy's log must show every
+benchmark message scanned clean and relayed.
 
 The machine is assumed to be shared and noisy, so the configurations are
 interleaved in rounds (their order rotating from round to round), and the table
@@ -26,13 +41,14 @@ import re
 import shlex
 import shutil
 import signal
+import smtplib
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +66,21 @@ SBIN = ("/usr/sbin", "/usr/lib/postfix/sbin", "/usr/local/sbin")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BACKLOG = 4096
 
-DIRECT = "direct"
-GUARD = "smtpguard"
-REFERENCE = "twisted.mail"
-CONFIGURATIONS = (DIRECT, GUARD, REFERENCE)
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+# Configurations: (name, scanner), as in the table's first two columns.
+DIRECT = ("direct", "-")
+GUARD = ("smtpguard", "builtin")
+REFERENCE = ("twisted.mail", "none")
+CLAMSMTP = ("ClamSMTP", "clamd")
+GUARD_CLAMD = ("smtpguard", "clamd")
+BUILTIN, CLAMD = "builtin", "clamd"
+ENGINES = {BUILTIN: (GUARD, REFERENCE), CLAMD: (CLAMSMTP, GUARD_CLAMD)}
+Configuration = tuple[str, str]
+
+
+def label(configuration: Configuration) -> str:
+    return configuration[0] if configuration == DIRECT else " ".join(configuration)
 
 
 class BenchmarkError(Exception):
@@ -145,10 +172,10 @@ def serve_reference(port: int, counter_path: str) -> None:
 # -- processes ------------------------------------------------------------------------------
 
 
-def program(name: str) -> str:
+def program(name: str, package: str = "postfix") -> str:
     path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
     if path is None:
-        raise BenchmarkError(f"{name} is not installed (Debian package postfix)")
+        raise BenchmarkError(f"{name} is not installed (Debian package {package})")
     return path
 
 
@@ -184,6 +211,19 @@ def cpu_seconds(pid: int) -> float:
         fields = stat.read().rpartition(")")[2].split()
     # fields[0] is field 3 (state): utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows (/proc/net/netstat, the whole network namespace): SYNs
+    dropped because a listen queue was full.  The client retries after a second."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split()[1:], values.split()[1:], strict=False)).get("ListenOverflows", 0))
+    return 0
 
 
 _COUNTER = re.compile(rb"mesg=(\d+)")
@@ -240,7 +280,10 @@ def running(
     counter: bool,
     log: Path | None = None,
     env: dict[str, str] | None = None,
+    ready: Callable[[Server], None] | None = None,
 ) -> Iterator[Server]:
+    """Runs ``command`` until the block ends; ``ready`` (default: something listens on
+    ``port``) tells when it is up."""
     counter_path = workdir / f"{name}.counter" if counter else None
     output = open(counter_path or workdir / f"{name}.out", "wb")  # closed in finally
     process = subprocess.Popen(
@@ -248,7 +291,10 @@ def running(
     )
     server = Server(name, port, process, counter_path, log or workdir / f"{name}.out", command)
     try:
-        wait_for_port(port, process, server.log)
+        if ready is None:
+            wait_for_port(port, process, server.log)
+        else:
+            ready(server)
         yield server
     finally:
         server.stop()
@@ -264,9 +310,12 @@ def start_sink(stack: ExitStack, workdir: Path) -> Server:
     return stack.enter_context(running("smtp-sink", command, port, workdir, counter=True))
 
 
-def start_guard(stack: ExitStack, workdir: Path, sink: Server, profile: Path | None) -> Server:
+def start_guard(
+    stack: ExitStack, workdir: Path, sink: Server, scanner: str, profile: Path | None, name: str = "smtpguard"
+) -> Server:
+    """smtpguard under twistd, relaying to ``sink``; ``scanner`` is its --scanner value."""
     port = free_port()
-    log = workdir / "smtpguard.log"
+    log = workdir / f"{name}.log"
     twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
     command = [*twistd, "-n", "--pidfile=", "-l", str(log)]
     if profile is not None:
@@ -275,11 +324,11 @@ def start_guard(stack: ExitStack, workdir: Path, sink: Server, profile: Path | N
         "smtpguard",
         "--listen", f"tcp:{port}:interface={HOST}",
         "--upstream", f"tcp:{HOST}:{sink.port}",
-        "--scanner", "builtin",
+        "--scanner", scanner,
     ]  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return stack.enter_context(running("smtpguard", command, port, workdir, counter=False, log=log, env=env))
+    return stack.enter_context(running(name, command, port, workdir, counter=False, log=log, env=env))
 
 
 def start_reference(stack: ExitStack, workdir: Path) -> Server:
@@ -289,15 +338,96 @@ def start_reference(stack: ExitStack, workdir: Path) -> Server:
     return stack.enter_context(running("twisted.mail", command, port, workdir, counter=True))
 
 
+def clamd_socket(clamd: Server) -> Path:
+    return Path(clamd.command[-1]).parent / "clamd.sock"
+
+
+def start_clamd(stack: ExitStack, workdir: Path, threads: int) -> Server:
+    """A private clamd on a unix socket: one signature (EICAR, as tests/engines.py
+    writes it), so it starts in seconds; its cache of clean results off, so that
+    every message is really scanned (smtp-source sends the same body every time)."""
+    directory = workdir / "clamd"
+    database = directory / "db"
+    database.mkdir(parents=True, exist_ok=True)
+    (database / "bench.ndb").write_text(f"Bench.EICAR:0:*:{EICAR.hex()}\n")
+    config = directory / "clamd.conf"
+    config.write_text(
+        "Foreground yes\n"
+        f"LocalSocket {directory / 'clamd.sock'}\n"
+        f"DatabaseDirectory {database}\n"
+        f"LogFile {directory / 'clamd.log'}\n"
+        + ("User root\n" if os.geteuid() == 0 else "")
+        + f"MaxThreads {threads}\n"
+        + "DisableCache yes\n"
+    )
+    command = [program("clamd", "clamav-daemon"), "-c", str(config)]
+    ready = lambda server: wait_for_pong(server, directory / "clamd.sock")  # noqa: E731
+    return stack.enter_context(
+        running("clamd", command, 0, workdir, counter=False, log=directory / "clamd.log", ready=ready)
+    )
+
+
+def wait_for_pong(clamd: Server, path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        clamd.check_alive()
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(1)
+                probe.connect(str(path))
+                probe.sendall(b"zPING\0")
+                if probe.recv(16) == b"PONG\0":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchmarkError(f"clamd did not answer PING within {timeout:.0f}s" + _tail(clamd.log))
+
+
+def start_clamsmtp(stack: ExitStack, workdir: Path, sink: Server, clamd: Server) -> Server:
+    """clamsmtpd in the foreground (-d), relaying to ``sink`` and scanning with ``clamd``.
+
+    Debug level 3 prints one line per connection and one per message
+    (``status=CLEAN``), which the end-of-run check counts; level 4 would log the
+    whole SMTP conversation.  No ``User:``: clamsmtpd 1.10 started as root with
+    ``User: root`` exits at once ("unable to completely drop privileges"), and
+    without ``User:`` it stays the user that started it."""
+    port = free_port()
+    config = workdir / "clamsmtpd.conf"
+    config.write_text(
+        f"OutAddress: {HOST}:{sink.port}\n"
+        f"Listen: {HOST}:{port}\n"
+        f"ClamAddress: {clamd_socket(clamd)}\n"
+        f"TempDirectory: {workdir}\n"
+        f"PidFile: {workdir / 'clamsmtpd.pid'}\n"
+    )
+    command = [program("clamsmtpd", "clamsmtp"), "-d", "3", "-f", str(config)]
+    server = stack.enter_context(running("clamsmtpd", command, port, workdir, counter=False))
+    # The CPU time charged is the process started, so it must not have forked away.
+    pidfile = workdir / "clamsmtpd.pid"
+    deadline = time.monotonic() + 5
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = pidfile.read_text().strip() if pidfile.exists() else "none"
+    if pid != str(server.process.pid):
+        raise BenchmarkError(f"clamsmtpd wrote pid {pid}, but the process started is {server.process.pid}")
+    return server
+
+
 # -- measuring ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Target:
-    name: str
+    configuration: Configuration
     port: int
     receiver: Server  # whose counter proves delivery
     worker: Server  # whose CPU time is charged
+    engine: Server | None = None  # clamd, whose CPU time is shown separately
+
+    @property
+    def name(self) -> str:
+        return label(self.configuration)
 
 
 @dataclass(frozen=True)
@@ -311,6 +441,8 @@ class Case:
 class Sample:
     seconds: float
     cpu: float  # CPU seconds of the target's worker process
+    engine_cpu: float | None = None  # CPU seconds of clamd, if the target scans with it
+    overflows: int = 0  # listen queue overflows during the run
 
 
 def source_command(port: object, size: object, messages: object, sessions: object, reuse: bool) -> list[str]:
@@ -322,10 +454,13 @@ def source_command(port: object, size: object, messages: object, sessions: objec
 
 
 def measure(target: Target, case: Case, reuse: bool, timeout: float) -> Sample:
-    for server in {target.receiver.name: target.receiver, target.worker.name: target.worker}.values():
+    servers = [target.receiver, target.worker, *([target.engine] if target.engine else [])]
+    for server in {server.name: server for server in servers}.values():
         server.check_alive()
     before = target.receiver.delivered()
     cpu_before = target.worker.cpu()
+    engine_before = target.engine.cpu() if target.engine else 0.0
+    overflows_before = listen_overflows()
     command = source_command(target.port, case.size, case.messages, case.sessions, reuse)
     started = time.perf_counter()
     try:
@@ -334,6 +469,8 @@ def measure(target: Target, case: Case, reuse: bool, timeout: float) -> Sample:
         raise BenchmarkError(f"{target.name}: {shlex.join(command)} took more than {timeout:.0f}s") from None
     seconds = time.perf_counter() - started
     cpu = target.worker.cpu() - cpu_before
+    engine_cpu = target.engine.cpu() - engine_before if target.engine else None
+    overflows = listen_overflows() - overflows_before
     if done.returncode != 0:
         why = done.stderr.decode(errors="replace").strip() or done.stdout.decode(errors="replace")[-200:]
         raise BenchmarkError(
@@ -348,22 +485,100 @@ def measure(target: Target, case: Case, reuse: bool, timeout: float) -> Sample:
             f"{target.name}: {target.receiver.name} received {delivered} of {case.messages} messages"
             + _tail(target.worker.log)
         )
-    return Sample(seconds, cpu)
+    return Sample(seconds, cpu, engine_cpu, overflows)
 
+
+# -- proof of scanning ----------------------------------------------------------------------
+
+
+def eicar_message() -> bytes:
+    head = f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: EICAR test\r\nMessage-ID: <eicar@bench.example>\r\n"
+    return head.encode() + b"\r\n" + EICAR + b"\r\n"
+
+
+def send_eicar(target: Target, log_line: re.Pattern[str]) -> str:
+    """Sends an EICAR message through a proxy: it must be refused or dropped (not
+    reach the sink), and the proxy must log ``log_line``.  Returns what happened."""
+    before = target.receiver.delivered()
+    try:
+        with smtplib.SMTP(HOST, target.port, timeout=30) as client:
+            try:
+                client.sendmail(SENDER, [RECIPIENT], eicar_message())
+                outcome = "accepted (250) and dropped"
+            except smtplib.SMTPDataError as error:
+                outcome = f"refused ({error.smtp_code} {error.smtp_error.decode(errors='replace')})"
+    except (OSError, smtplib.SMTPException) as error:
+        raise BenchmarkError(f"{target.name}: sending the EICAR message failed: {error}") from None
+    if target.receiver.wait_delivered(before + 1, timeout=1.0) != before:
+        raise BenchmarkError(f"{target.name} delivered the EICAR message to {target.receiver.name}: not scanning?")
+    assert target.worker.log is not None
+    deadline = time.monotonic() + 5
+    while not log_line.search(target.worker.log.read_text(errors="replace")):
+        if time.monotonic() > deadline:
+            raise BenchmarkError(
+                f"{target.name}: {outcome}, but its log has no line like {log_line.pattern!r}"
+                + _tail(target.worker.log)
+            )
+        time.sleep(0.05)
+    return outcome
+
+
+GUARD_INFECTED = re.compile(r"status=infected \([^)]*eicar[^)]*\) action=reject reply=5\d\d ", re.IGNORECASE)
+CLAMSMTP_INFECTED = re.compile(r"status=VIRUS:\S*EICAR", re.IGNORECASE)
 
 _TROUBLE = re.compile(r"Traceback|Unhandled|internal error|next hop:|#(?:warn|error|critical)\]")
 
 
 def check_guard_log(guard: Server, expected: int) -> None:
-    """After smtpguard has stopped: every message logged as relayed, no errors."""
+    """After smtpguard has stopped: every message logged as scanned clean and
+    relayed, the EICAR message as rejected, and no errors."""
     assert guard.log is not None
     text = guard.log.read_text(errors="replace")
-    relayed = len(re.findall(r"action=deliver reply=250 ", text))
+    relayed = len(re.findall(r"status=clean action=deliver reply=250 ", text))
+    infected = len(GUARD_INFECTED.findall(text))
+    outcomes = len(re.findall(r" status=.* action=", text))
     trouble = [line for line in text.splitlines() if _TROUBLE.search(line)]
     if trouble:
-        raise BenchmarkError(f"smtpguard logged {len(trouble)} problem line(s), e.g.:\n" + "\n".join(trouble[:10]))
-    if relayed != expected:
-        raise BenchmarkError(f"smtpguard logged {relayed} relayed messages, expected {expected}")
+        raise BenchmarkError(f"{guard.name} logged {len(trouble)} problem line(s), e.g.:\n" + "\n".join(trouble[:10]))
+    if (relayed, infected, outcomes) != (expected, 1, expected + 1):
+        raise BenchmarkError(
+            f"{guard.name} logged {relayed} messages scanned clean and relayed (expected {expected}), "
+            f"{infected} EICAR rejected (expected 1), {outcomes} outcomes in all (expected {expected + 1})"
+        )
+
+
+_CLAMSMTP_TROUBLE = re.compile(r"error|fail|couldn't|can't|unable|timed? ?out", re.IGNORECASE)
+
+
+def check_clamsmtp_log(clamsmtp: Server, expected: int) -> None:
+    """After clamsmtpd has stopped: ``status=CLEAN`` for every message, one
+    ``status=VIRUS`` (the EICAR message), nothing else, no errors."""
+    assert clamsmtp.log is not None
+    text = clamsmtp.log.read_text(errors="replace")
+    # Its threads write each line in pieces, so another thread's text can follow
+    # "status=CLEAN" on the same line: the status is the capitals only.
+    statuses = re.findall(r"status=([A-Z]+)", text)
+    clean, virus = statuses.count("CLEAN"), statuses.count("VIRUS")
+    trouble = [line for line in text.splitlines() if _CLAMSMTP_TROUBLE.search(line)]
+    if trouble:
+        raise BenchmarkError(f"clamsmtpd logged {len(trouble)} problem line(s), e.g.:\n" + "\n".join(trouble[:10]))
+    if (clean, virus, len(statuses)) != (expected, 1, expected + 1):
+        raise BenchmarkError(
+            f"clamsmtpd logged {clean} messages status=CLEAN (expected {expected}), {virus} status=VIRUS "
+            f"(expected 1), {len(statuses)} statuses in all (expected {expected + 1})"
+        )
+
+
+def check_clamd_log(clamd: Server, found: int) -> None:
+    """After clamd has stopped: ``found`` detections (the EICAR messages), no errors."""
+    assert clamd.log is not None
+    text = clamd.log.read_text(errors="replace")
+    errors = [line for line in text.splitlines() if re.search(r"ERROR|WARNING", line)]
+    detections = len(re.findall(r"EICAR\S* FOUND", text))
+    if errors:
+        raise BenchmarkError(f"clamd logged {len(errors)} error line(s), e.g.:\n" + "\n".join(errors[:10]))
+    if detections != found:
+        raise BenchmarkError(f"clamd logged {detections} EICAR detections, expected {found}")
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -382,30 +597,30 @@ def paired_ratio(numerator: list[Sample], denominator: list[Sample]) -> float:
     return statistics.median(d.seconds / n.seconds for n, d in zip(numerator, denominator, strict=True))
 
 
-def table(cases: Sequence[Case], samples: dict[tuple[str, Case], list[Sample]]) -> str:
-    header = [
-        "configuration",
-        "size",
-        "sess",
-        "msgs",
-        "seconds",
-        "min-max",
-        "msgs/s",
-        "MB/s",
-        "CPU ms/msg",
-        "vs direct",
-        "vs twisted.mail",
-    ]
+def table(
+    cases: Sequence[Case],
+    configurations: Sequence[Configuration],
+    samples: dict[tuple[Configuration, Case], list[Sample]],
+) -> str:
+    engines = {configuration[1] for configuration in configurations}
+    header = ["configuration", "scanner", "size", "sess", "msgs", "seconds", "min-max", "msgs/s", "MB/s", "CPU ms/msg"]
+    if CLAMD in engines:
+        header.append("clamd ms/msg")
+    header.append("vs direct")
+    if BUILTIN in engines:
+        header.append("vs twisted.mail")
+    if CLAMD in engines:
+        header.append("vs ClamSMTP")
     rows = [header]
     for case in cases:
         direct = samples[(DIRECT, case)]
-        reference = samples[(REFERENCE, case)]
-        for name in CONFIGURATIONS:
-            runs = samples[(name, case)]
+        for configuration in configurations:
+            runs = samples[(configuration, case)]
             seconds = statistics.median(sample.seconds for sample in runs)
             cpu = statistics.median(sample.cpu for sample in runs) / case.messages * 1000
-            rows.append([
-                name,
+            row = [
+                configuration[0],
+                configuration[1],
                 human_size(case.size),
                 str(case.sessions),
                 str(case.messages),
@@ -414,14 +629,22 @@ def table(cases: Sequence[Case], samples: dict[tuple[str, Case], list[Sample]]) 
                 f"{case.messages / seconds:.1f}",
                 f"{case.messages * case.size / seconds / 1e6:.2f}",
                 f"{cpu:.2f}",
-                "1" if name == DIRECT else f"{paired_ratio(runs, direct):.3f}",
-                f"{paired_ratio(runs, reference):.2f}" if name == GUARD else "",
-            ])  # fmt: skip
+            ]
+            if CLAMD in engines:
+                engine = [sample.engine_cpu for sample in runs if sample.engine_cpu is not None]
+                row.append(f"{statistics.median(engine) / case.messages * 1000:.2f}" if engine else "")
+            row.append("1" if configuration == DIRECT else f"{paired_ratio(runs, direct):.3f}")
+            if BUILTIN in engines:
+                row.append(f"{paired_ratio(runs, samples[(REFERENCE, case)]):.2f}" if configuration == GUARD else "")
+            if CLAMD in engines:
+                clamsmtp = samples[(CLAMSMTP, case)]
+                row.append(f"{paired_ratio(runs, clamsmtp):.3f}" if configuration == GUARD_CLAMD else "")
+            rows.append(row)
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = []
     for index, row in enumerate(rows):
         cells = [
-            cell.ljust(width) if column == 0 else cell.rjust(width)
+            cell.ljust(width) if column < 2 else cell.rjust(width)
             for column, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
@@ -434,9 +657,10 @@ NOTES = """\
 seconds: median wall time of one smtp-source run over the rounds (min-max beside it).
 msgs/s, MB/s: from the median; MB/s counts payload bytes (smtp-source -l), 1 MB = 10^6 bytes.
 CPU ms/msg: CPU time (user+system, /proc/PID/stat) of the receiving server process per message:
-  smtp-sink for direct, the smtpguard process (not the sink behind it), the twisted.mail server.
-vs direct / vs twisted.mail: throughput relative to that configuration (>1 is faster),
-  the median of the per-round ratios of paired runs."""
+  smtp-sink for direct; the proxy process (smtpguard, clamsmtpd), not the sink behind it;
+  the twisted.mail server.  clamd ms/msg: the same for clamd, which scans for both proxies.
+vs direct / vs twisted.mail / vs ClamSMTP: throughput relative to that configuration
+  (>1 is faster), the median of the per-round ratios of paired runs."""
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -454,8 +678,15 @@ def parse_list(text: str) -> list[int]:
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Message throughput: smtp-source -> {smtp-sink | smtpguard -> smtp-sink | twisted.mail server}, "
-        "interleaved in rounds on 127.0.0.1.",
+        description="Message throughput: smtp-source -> {smtp-sink | smtpguard -> smtp-sink | twisted.mail server "
+        "| clamsmtpd -> smtp-sink}, interleaved in rounds on 127.0.0.1.",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=(BUILTIN, CLAMD, "both"),
+        default="both",
+        help="builtin: smtpguard with its built-in scanner, and twisted.mail; clamd: ClamSMTP and smtpguard, "
+        "both scanning with a private clamd; both (the default): all of them, as separate rows",
     )
     parser.add_argument("--rounds", type=int, default=None, help="rounds of interleaved runs (default 3; --quick: 1)")
     parser.add_argument(
@@ -479,6 +710,9 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for one smtp-source run")
     parser.add_argument(
+        "--clamd-threads", type=int, default=10, help="clamd's MaxThreads (default 10, as clamd's own default)"
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -489,14 +723,15 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
         type=Path,
         default=None,
         help="run smtpguard under cProfile (twistd --profiler=cprofile) and save the pstats "
-        "here at the end; this slows smtpguard down",
+        "here at the end (with both engines, PATH.builtin and PATH.clamd); this slows smtpguard down",
     )
     parser.add_argument("--reference-server", nargs=2, metavar=("PORT", "COUNTER"), help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.rounds is None:
         arguments.rounds = 1 if arguments.quick else 3
-    if arguments.rounds < 1 or (arguments.messages is not None and arguments.messages < 1):
-        parser.error("--rounds and --messages must be positive")
+    if min(arguments.rounds, arguments.clamd_threads, arguments.messages or 1) < 1:
+        parser.error("--rounds, --messages and --clamd-threads must be positive")
+    arguments.engines = [BUILTIN, CLAMD] if arguments.engine == "both" else [arguments.engine]
     return arguments
 
 
@@ -513,10 +748,14 @@ def run(arguments: argparse.Namespace) -> int:
         for size in arguments.sizes
         for sessions in arguments.sessions
     ]
-    samples: dict[tuple[str, Case], list[Sample]] = {(name, case): [] for name in CONFIGURATIONS for case in cases}
-    guard_messages = 0
+    configurations = [DIRECT, *(c for engine in arguments.engines for c in ENGINES[engine])]
+    samples: dict[tuple[Configuration, Case], list[Sample]] = {
+        (configuration, case): [] for configuration in configurations for case in cases
+    }
     checkout = _checkout()
     started = time.monotonic()
+    commands: list[tuple[str, str]] = []
+    eicar: list[tuple[str, str]] = []
     with ExitStack() as stack:
         if arguments.workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="smtpguard-bench-")))
@@ -524,53 +763,105 @@ def run(arguments: argparse.Namespace) -> int:
             workdir = arguments.workdir.resolve()
             workdir.mkdir(parents=True, exist_ok=True)
         profile = arguments.profile.resolve() if arguments.profile else None
+
+        def profile_for(engine: str) -> Path | None:
+            if profile is None or len(arguments.engines) == 1:
+                return profile
+            return profile.with_name(f"{profile.name}.{engine}")
+
         sink = start_sink(stack, workdir)
-        guard = start_guard(stack, workdir, sink, profile)
-        reference = start_reference(stack, workdir)
-        targets = [
-            Target(DIRECT, sink.port, sink, sink),
-            Target(GUARD, guard.port, sink, guard),
-            Target(REFERENCE, reference.port, reference, reference),
-        ]
+        commands.append(("sink", shlex.join(sink.command)))
+        targets = [Target(DIRECT, sink.port, sink, sink)]
+        guards: dict[Configuration, Server] = {}
+        clamd = clamsmtp = None
+        if BUILTIN in arguments.engines:
+            guard = start_guard(stack, workdir, sink, BUILTIN, profile_for(BUILTIN), "smtpguard-builtin")
+            reference = start_reference(stack, workdir)
+            guards[GUARD] = guard
+            targets += [Target(GUARD, guard.port, sink, guard), Target(REFERENCE, reference.port, reference, reference)]
+            commands.append(("smtpguard builtin", f"PYTHONPATH={REPO} {shlex.join(guard.command)}"))
+            commands.append(("twisted.mail", shlex.join(reference.command)))
+        if CLAMD in arguments.engines:
+            clamd = start_clamd(stack, workdir, arguments.clamd_threads)
+            clamsmtp = start_clamsmtp(stack, workdir, sink, clamd)
+            scanner = f"clamd:unix:{clamd_socket(clamd)}"
+            guard = start_guard(stack, workdir, sink, scanner, profile_for(CLAMD), "smtpguard-clamd")
+            guards[GUARD_CLAMD] = guard
+            targets += [
+                Target(CLAMSMTP, clamsmtp.port, sink, clamsmtp, clamd),
+                Target(GUARD_CLAMD, guard.port, sink, guard, clamd),
+            ]
+            config = " ".join(line for line in (workdir / "clamd" / "clamd.conf").read_text().splitlines())
+            commands.append(("clamd", f"{shlex.join(clamd.command)}  # {config}"))
+            config = "; ".join((workdir / "clamsmtpd.conf").read_text().splitlines())
+            commands.append(("ClamSMTP", f"{shlex.join(clamsmtp.command)}  # {config}"))
+            commands.append(("smtpguard clamd", f"PYTHONPATH={REPO} {shlex.join(guard.command)}"))
+        # Proof that the proxies scan: an EICAR message through each must not reach the sink.
+        for target in targets:
+            if target.configuration in (GUARD, GUARD_CLAMD):
+                eicar.append((target.name, send_eicar(target, GUARD_INFECTED)))
+            elif target.configuration == CLAMSMTP:
+                eicar.append((target.name, send_eicar(target, CLAMSMTP_INFECTED)))
+        scanned = dict.fromkeys((target.configuration for target in targets), 0)
         # Warm up (and fail early): a few messages through each configuration, not counted.
         warm = Case(min(arguments.sizes), max(arguments.sessions), 2 * max(arguments.sessions))
         for target in targets:
             measure(target, warm, arguments.reuse, arguments.timeout)
-        guard_messages += warm.messages
+            scanned[target.configuration] += warm.messages
         for round_number in range(arguments.rounds):
             for case in cases:
                 shift = round_number % len(targets)
                 for target in targets[shift:] + targets[:shift]:
-                    samples[(target.name, case)].append(measure(target, case, arguments.reuse, arguments.timeout))
-                    if target.name == GUARD:
-                        guard_messages += case.messages
+                    samples[(target.configuration, case)].append(
+                        measure(target, case, arguments.reuse, arguments.timeout)
+                    )
+                    scanned[target.configuration] += case.messages
             print(
                 f"round {round_number + 1}/{arguments.rounds} done ({time.monotonic() - started:.0f}s)",
                 file=sys.stderr,
                 flush=True,
             )
-        guard.stop()
-        check_guard_log(guard, guard_messages)
-        guard_command, sink_command, reference_command = guard.command, sink.command, reference.command
+        for configuration, guard in guards.items():
+            guard.stop()
+            check_guard_log(guard, scanned[configuration])
+        if clamsmtp is not None and clamd is not None:
+            clamsmtp.stop()
+            check_clamsmtp_log(clamsmtp, scanned[CLAMSMTP])
+            clamd.stop()
+            check_clamd_log(clamd, found=2)
     elapsed = time.monotonic() - started
 
-    print(table(cases, samples))
+    print(table(cases, configurations, samples))
     print()
     print(NOTES)
     print()
-    print(f"rounds: {arguments.rounds}, configurations interleaved in rotating order; total {elapsed:.0f}s")
+    print(
+        f"rounds: {arguments.rounds}, configurations interleaved in rotating order; total {elapsed:.0f}s; "
+        "every proxy's log shows every message scanned clean and relayed"
+    )
+    for name, outcome in eicar:
+        print(f"EICAR through {name}: {outcome}, not delivered")
+    overflowed = [
+        f"{label(configuration)} {human_size(case.size)} x{case.sessions}: {sum(s.overflows for s in runs)}"
+        for (configuration, case), runs in samples.items()
+        if any(s.overflows for s in runs)
+    ]
+    print(
+        "listen queue overflows during the runs (TcpExt ListenOverflows, summed over the rounds; "
+        "each costs a connection a 1 s SYN retry): " + ("; ".join(overflowed) or "none")
+    )
     print(
         f"machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"Twisted {_twisted_version()}"
     )
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"checkout: {REPO} at {checkout}")
-    print(f"client:  {shlex.join(source_command('PORT', 'SIZE', 'MESSAGES', 'SESSIONS', arguments.reuse))}")
-    print(f"sink:    {shlex.join(sink_command)}")
-    print(f"guard:   PYTHONPATH={REPO} {shlex.join(guard_command)}")
-    print(f"ref:     {shlex.join(reference_command)}")
+    print(f"client: {shlex.join(source_command('PORT', 'SIZE', 'MESSAGES', 'SESSIONS', arguments.reuse))}")
+    for name, command in commands:
+        print(f"{name}: {command}")
     if profile is not None:
-        print(f"profile: {profile} (python -m pstats {profile}); smtpguard ran under cProfile: its numbers are slower")
+        saved = " ".join(str(profile_for(engine)) for engine in arguments.engines)
+        print(f"profile: {saved} (python -m pstats FILE); smtpguard ran under cProfile: its numbers are slower")
     return 0
 
 
