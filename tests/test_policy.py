@@ -194,3 +194,11 @@ def test_table_errors_name_the_key(table, message):
     with pytest.raises(ConfigError) as raised:
         build_policy(table)
     assert str(raised.value).startswith(message)
+
+
+def test_threat_names_are_given_once():
+    """The same threat found twice is named once in the reply and the reason."""
+    twice = ScanResult.infected((Threat("Eicar-Test-Signature", "a.com"), Threat("Eicar-Test-Signature", "b.com")))
+    decision = DefaultPolicy().decide(ENVELOPE, twice)
+    assert decision.reason == "virus Eicar-Test-Signature"
+    assert decision.reply == replies.VIRUS_REJECTED.with_text("Message rejected: virus found (Eicar-Test-Signature)")

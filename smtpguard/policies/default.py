@@ -95,7 +95,8 @@ def _in_domains(address: str, domains: Sequence[str]) -> bool:
 
 
 def _names(result: ScanResult) -> str:
-    return ", ".join(threat.name for threat in result.threats)
+    """The threat names, each once (the same virus in two attachments is one name)."""
+    return ", ".join(dict.fromkeys(threat.name for threat in result.threats))
 
 
 @implementer(IPolicy)
