@@ -19,7 +19,6 @@ from smtpguard.replies import Reply
 from smtpguard.results import Action, Decision, ScanResult
 from smtpguard.scanners.deadline import scan_safely, with_deadline
 from smtpguard.spool import Message
-from smtpguard.templates import Texts
 
 log = Logger()
 
@@ -54,7 +53,6 @@ class Pipeline:
         scanner: IScanner,
         policy: IPolicy,
         scan_timeout: float = 120.0,
-        texts: Texts = Texts(),
         quarantine: IQuarantine | None = None,
         notifier: INotifier | None = None,
     ) -> None:
@@ -64,7 +62,6 @@ class Pipeline:
         self._scanner = scanner
         self._policy = policy
         self._scan_timeout = scan_timeout
-        self._texts = texts
         self._quarantine = quarantine
         self._notifier = notifier
 
@@ -132,12 +129,15 @@ class Pipeline:
         return relay.data(message.tail(body_at), trace + section + separator)
 
     def _replacement(self, incident: Incident) -> str:
+        """The text that replaces the body: the decision's template, filled in,
+        one line per line of the template, with CRLF endings."""
         decision: Decision = incident.decision
-        template = self._texts.virus_replacement if incident.result.threats else self._texts.error_replacement
+        template = decision.notice or (templates.VIRUS_NOTICE if incident.result.threats else templates.ERROR_NOTICE)
         values = templates.values(
             incident.envelope, incident.result, decision.reason, incident.subject, incident.transaction_id
         )
-        return templates.render(template, values)
+        text = templates.render(template, values)
+        return "".join(line + "\r\n" for line in text.splitlines())
 
     def _notify(self, incident: Incident) -> None:
         assert self._notifier is not None

@@ -100,6 +100,7 @@ class Decision:
     subject_tag: str | None = None
     quarantine: bool = False
     notices: frozenset[Notice] = frozenset()
+    notice: str | None = None  # REPLACE: the template of the text that replaces the body
 
     @property
     def relays(self) -> bool:

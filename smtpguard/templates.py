@@ -7,15 +7,11 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping
 
-import attrs
-
 from smtpguard.envelope import Envelope
 from smtpguard.results import ScanResult
 
-VIRUS_REPLACEMENT = (
-    "Your mail {client}-{server} contains contaminated file {file} with virus {threat}, so it is dropped.\r\n"
-)
-ERROR_REPLACEMENT = "Your mail {client}-{server} is dropped for {reason}.\r\n"
+VIRUS_NOTICE = "Your mail {client}-{server} contains contaminated file {file} with virus {threat}, so it is dropped."
+ERROR_NOTICE = "Your mail {client}-{server} is dropped for {reason}."
 
 PLACEHOLDERS = ("threat", "file", "client", "server", "sender", "recipients", "subject", "reason", "queue_id")
 
@@ -27,12 +23,6 @@ class _Lenient(dict[str, str]):
 
 def render(template: str, values: Mapping[str, str]) -> str:
     return string.Formatter().vformat(template, (), _Lenient(values))
-
-
-@attrs.frozen
-class Texts:
-    virus_replacement: str = VIRUS_REPLACEMENT
-    error_replacement: str = ERROR_REPLACEMENT
 
 
 def values(envelope: Envelope, result: ScanResult, reason: str, subject: str, queue_id: str) -> dict[str, str]:

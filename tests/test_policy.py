@@ -9,7 +9,7 @@ import attrs
 import pytest
 from zope.interface.verify import verifyObject
 
-from smtpguard import replies
+from smtpguard import replies, templates
 from smtpguard.config import ConfigError
 from smtpguard.envelope import Client, Envelope, Recipient
 from smtpguard.interfaces import IPolicy
@@ -78,8 +78,9 @@ def test_infected(mode, quarantine, notify_sender, notify_admin, null_sender):
         expected.add(Notice.ADMIN)
     if notify_sender and not null_sender and mode in (OnVirus.REPLACE, OnVirus.DISCARD):
         expected.add(Notice.SENDER)
+    notice = templates.VIRUS_NOTICE if action is Action.REPLACE else None
     assert decision == Decision(
-        action, reply, "virus Eicar-Test-Signature", quarantine=quarantine, notices=frozenset(expected)
+        action, reply, "virus Eicar-Test-Signature", quarantine=quarantine, notices=frozenset(expected), notice=notice
     )
 
 
@@ -106,7 +107,9 @@ def test_scan_error(kind, mode, quarantine_dropped, notify_sender, tag_on_pass, 
         assert decision == Decision(Action.DELIVER, reason=reason, subject_tag="[unchecked]" if tag_on_pass else None)
     else:
         notices = frozenset({Notice.SENDER}) if notify_sender and not null_sender else frozenset()
-        assert decision == Decision(Action.REPLACE, reason=reason, quarantine=quarantine_dropped, notices=notices)
+        assert decision == Decision(
+            Action.REPLACE, reason=reason, quarantine=quarantine_dropped, notices=notices, notice=templates.ERROR_NOTICE
+        )
 
 
 def test_fallback_overrides_fail_mode_per_kind():
@@ -114,6 +117,14 @@ def test_fallback_overrides_fail_mode_per_kind():
     policy = DefaultPolicy(settings(fail_mode=OnError.DEFER, fallback={ErrorKind.CONTENT_SIZE: OnError.PASS}))
     assert policy.decide(ENVELOPE, ScanResult.failed(ErrorKind.CONTENT_SIZE)).action is Action.DELIVER
     assert policy.decide(ENVELOPE, ScanResult.failed(ErrorKind.TIMEOUT)).action is Action.DEFER
+
+
+def test_notice_texts_come_from_the_settings():
+    """virus_notice and error_notice set the text that replaces a dropped body."""
+    texts = {"virus_notice": "Removed: {threat}", "error_notice": "No: {reason}"}
+    policy = build_policy({"on_virus": "replace", "fail_mode": "drop", **texts})
+    assert policy.decide(ENVELOPE, INFECTED).notice == "Removed: {threat}"
+    assert policy.decide(ENVELOPE, ScanResult.failed(ErrorKind.TIMEOUT)).notice == "No: {reason}"
 
 
 def test_forged_sender_threats_are_not_answered():

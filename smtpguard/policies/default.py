@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 import attrs
 from zope.interface import implementer
 
-from smtpguard import replies
+from smtpguard import replies, templates
 from smtpguard.envelope import Envelope
 from smtpguard.interfaces import IPolicy
 from smtpguard.results import Action, Decision, ErrorKind, Notice, ScanResult, Verdict
@@ -50,6 +50,9 @@ class PolicySettings:
     notify_recipient_on_error_pass: bool = True
     notify_admin: bool = True
     subject_tag: str = "(No virus check due to scan error)"
+    # The texts that replace a dropped message's body (placeholders: smtpguard.templates).
+    virus_notice: str = templates.VIRUS_NOTICE
+    error_notice: str = templates.ERROR_NOTICE
     # Threat names (shell patterns) of malware known to forge its sender: its
     # "sender" is never notified (no backscatter).
     forged_sender_threats: tuple[str, ...] = ()
@@ -137,7 +140,8 @@ class DefaultPolicy:
             notices.add(Notice.SENDER)
         kind = {OnVirus.REPLACE: Action.REPLACE, OnVirus.DISCARD: Action.DISCARD, OnVirus.PASS: Action.DELIVER}[action]
         reply = replies.DISCARDED if kind is Action.DISCARD else None
-        return Decision(kind, reply, reason, quarantine=settings.quarantine, notices=frozenset(notices))
+        notice = settings.virus_notice if kind is Action.REPLACE else None
+        return Decision(kind, reply, reason, quarantine=settings.quarantine, notices=frozenset(notices), notice=notice)
 
     def _failed(self, envelope: Envelope, kind: ErrorKind, settings: PolicySettings) -> Decision:
         reason = f"scan error ({kind.value})"
@@ -150,4 +154,10 @@ class DefaultPolicy:
         notices = (
             frozenset({Notice.SENDER}) if settings.notify_sender_on_error_drop and envelope.sender else frozenset()
         )
-        return Decision(Action.REPLACE, reason=reason, quarantine=settings.quarantine_dropped, notices=notices)
+        return Decision(
+            Action.REPLACE,
+            reason=reason,
+            quarantine=settings.quarantine_dropped,
+            notices=notices,
+            notice=settings.error_notice,
+        )

@@ -32,8 +32,9 @@ def _settings(table: Table, base: PolicySettings) -> PolicySettings:
     for flag in _FLAGS:
         if flag in table.data:
             changes[flag] = table.get(flag, bool, False)
-    if "subject_tag" in table.data:
-        changes["subject_tag"] = table.get("subject_tag", str, "")
+    for text in ("subject_tag", "virus_notice", "error_notice"):
+        if text in table.data:
+            changes[text] = table.get(text, str, "")
     if "forged_sender_threats" in table.data:
         changes["forged_sender_threats"] = table.strings("forged_sender_threats", ())
     if "fallback" in table.data:
