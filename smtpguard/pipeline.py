@@ -22,6 +22,9 @@ from smtpguard.spool import Message
 
 log = Logger()
 
+# The longest header section smtpguard reads (and edits).
+HEADER_LIMIT = 1024 * 1024
+
 
 def received_header(envelope: Envelope, transaction_id: str, now: float) -> bytes:
     """The Received: trace header of RFC 5321 section 4.4 for this transaction."""
@@ -80,7 +83,12 @@ class Pipeline:
         try:
             result = await self.scan(message, envelope)
             decision = self._policy.decide(envelope, result)
-            section, body_at = message.split_headers()
+            section, body_at = message.split_headers(HEADER_LIMIT)
+            if body_at == 0 and message.size > HEADER_LIMIT:
+                # Its header section could not be read whole, so forged status
+                # headers could not be removed: refused, as Exim and sendmail do.
+                await relay.reset()
+                return replies.HEADER_TOO_BIG
             incident = Incident(
                 transaction_id, envelope, result, decision, section, self._reactor.seconds(), rewrite.subject(section)
             )

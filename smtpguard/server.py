@@ -155,7 +155,8 @@ class ESMTPServer(Protocol):
     # -- timers ---------------------------------------------------------------------
 
     def _arm_idle(self) -> None:
-        timeout = self.settings.data_timeout if self._reader else self.settings.command_timeout
+        receiving = self._reader is not None or self._chunk is not None
+        timeout = self.settings.data_timeout if receiving else self.settings.command_timeout
         if self._idle is not None and self._idle.active():
             self._idle.reset(timeout)
         else:
@@ -260,7 +261,8 @@ class ESMTPServer(Protocol):
         except UnicodeDecodeError:
             return replies.BAD_ENCODING
         verb, _, argument = line.partition(" ")
-        handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
+        # isascii first: str.upper() turns some non-ASCII letters into ASCII ones.
+        handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
             return replies.UNKNOWN_COMMAND
         result: Reply | Deferred[Reply] | None = handler(argument)
@@ -274,7 +276,8 @@ class ESMTPServer(Protocol):
 
     def _hello(self, argument: str, esmtp: bool) -> Reply | Deferred[Reply]:
         name = argument.strip()
-        if not name or " " in name:
+        # The name goes into our reply and the Received: header: no control characters.
+        if not name or " " in name or not name.isprintable():
             return replies.HELO_REQUIRED
         assert self._client is not None
         self._client = attrs.evolve(self._client, helo=name, esmtp=esmtp)

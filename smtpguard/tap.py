@@ -6,6 +6,7 @@ reactor and add the returned service to your application.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import attrs
@@ -148,6 +149,9 @@ def build_factory(
     pipeline = Pipeline(
         reactor, shared.scanner, policy, config.scan_timeout, quarantine=shared.quarantine, notifier=shared.notifier
     )
+    spool = config.server.spool_directory
+    if spool is not None and not (os.path.isdir(spool) and os.access(spool, os.W_OK | os.X_OK)):
+        raise ConfigError(f"{config.source}: server.spool_directory: {spool!r} is not a writable directory")
     settings = attrs.evolve(config.server, tls=server_tls(config), access=listener.access)
     return GuardFactory(reactor, shared.upstream, pipeline.process, settings)
 
