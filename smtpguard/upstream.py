@@ -214,8 +214,16 @@ class UpstreamSession:
             if "PIPELINING" not in self.extensions:
                 await xforward
         mail = self._command("MAIL " + mail_arguments(envelope.sender, envelope.parameters, self.extensions))
-        if xforward is not None and (refused := await xforward).code != 250:
-            log.warn("next hop refused XFORWARD: {reply}", reply=refused)
+        if xforward is not None:
+            try:
+                refused = await xforward
+            except Exception:
+                # Pipelined, MAIL fails with it: the same lost connection, not a
+                # second failure to be logged as unhandled.
+                mail.addErrback(lambda _: None)
+                raise
+            if refused.code != 250:
+                log.warn("next hop refused XFORWARD: {reply}", reply=refused)
         reply = await mail
         self._in_transaction = reply.code == 250
         return reply
