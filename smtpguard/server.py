@@ -88,8 +88,21 @@ class ESMTPServer(Protocol):
 
     # -- connection ---------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """Whether the client waits for the outcome of a command (its message's, say)."""
+        return self._busy
+
+    def shut_down(self) -> None:
+        """Say 421 and close, unless busy: then that happens right after the pending
+        reply (see _async_reply)."""
+        if not self._busy and not self._closing:
+            self._send(replies.SHUTTING_DOWN)
+            self._close()
+
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        self.factory.sessions.add(self)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)  # replies are small writes: never wait for a delayed ACK
@@ -117,6 +130,8 @@ class ESMTPServer(Protocol):
     def _admission(self) -> Reply | None:
         """Why this connection may not go on, or None."""
         assert self._client is not None
+        if self.factory.draining:
+            return replies.SHUTTING_DOWN
         if not self.settings.access.allows(self._client.address):
             return replies.ACCESS_DENIED
         if self.factory.connections > self.settings.max_connections:
@@ -128,6 +143,7 @@ class ESMTPServer(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         self.factory.connections -= 1
+        self.factory.sessions.discard(self)
         if self._counted and self._client is not None:
             self.factory.clients.disconnect(self._client.address)
         self._closing = True
@@ -247,6 +263,9 @@ class ESMTPServer(Protocol):
         if self.transport is None or not self.transport.connected:  # type: ignore[attr-defined]
             return
         self._send(reply)
+        if self.factory.draining and not self._closing:
+            self._send(replies.SHUTTING_DOWN)
+            self._closing = True
         if self._closing:
             self._close()
             return
@@ -545,4 +564,17 @@ class GuardFactory(Factory):
         self.process = process
         self.settings = settings
         self.connections = 0
+        self.sessions: set[ESMTPServer] = set()
+        self.draining = False
         self.clients = ClientCounters(settings.access)
+
+    def drain(self) -> None:
+        """Shutting down: idle sessions get 421 at once, busy ones right after the
+        reply they wait for, so no client loses the outcome of a message it sent."""
+        self.draining = True
+        for session in list(self.sessions):
+            session.shut_down()
+
+    @property
+    def busy(self) -> bool:
+        return any(session.busy for session in self.sessions)

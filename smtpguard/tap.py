@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -164,17 +165,58 @@ def _any_setting(policy: IPolicy, *flags: str) -> bool:
     return any(getattr(settings, flag) for settings in every for flag in flags)
 
 
+class Drain(service.Service):
+    """Stopped last: the listeners have stopped, then every session is told 421 as
+    soon as it does not wait for an outcome, and stopping waits (at most
+    ``timeout`` seconds) for the outcomes still pending, so a restart costs no
+    client the reply to a message the next hop already took."""
+
+    def __init__(self, reactor: Any, factories: list[GuardFactory], timeout: float = 30.0) -> None:
+        self._reactor = reactor
+        self._factories = factories
+        self._timeout = timeout
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        for factory in self._factories:
+            factory.drain()
+        deadline = self._reactor.seconds() + self._timeout
+
+        def settled() -> bool:
+            return not any(factory.busy for factory in self._factories) or self._reactor.seconds() >= deadline
+
+        return _poll(self._reactor, settled, 0.05)
+
+
+def _poll(reactor: Any, done: Any, interval: float) -> Deferred[None]:
+    waiting: Deferred[None] = Deferred()
+
+    def check() -> None:
+        if done():
+            waiting.callback(None)
+        else:
+            reactor.callLater(interval, check)
+
+    check()
+    return waiting
+
+
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     """A service listening on every configured endpoint."""
     shared = Shared.build(config, reactor)
     top = service.MultiService()
+    # Services stop in the reverse order: the listeners first, then the draining
+    # sessions, then the notifier (whose notices those sessions may still queue).
     if shared.notifier is not None:
-        # Started before the listeners and stopped after them.
         NotifierService(shared.notifier).setServiceParent(top)  # type: ignore[no-untyped-call]
+    factories: list[GuardFactory] = []
+    Drain(reactor, factories).setServiceParent(top)  # type: ignore[no-untyped-call]
     for listener in config.listeners:
-        factory: Any = build_factory(config, reactor, listener, shared)
+        guard = build_factory(config, reactor, listener, shared)
+        factories.append(guard)
+        factory: Any = guard
         if listener.proxy_protocol:
-            factory = ProxyProtocolFactory(factory, listener.trusted_proxies, reactor)
+            factory = ProxyProtocolFactory(guard, listener.trusted_proxies, reactor)
         try:
             endpoint = serverFromString(reactor, listener.endpoint)
         except (ValueError, TypeError) as error:

@@ -1,0 +1,75 @@
+"""Stopping without losing an outcome: idle sessions are told 421 at once, a
+session waiting for its message's outcome gets it first, and the service waits."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from smtpguard import replies
+from smtpguard.tap import Drain
+from tests.test_server import ready
+
+QUEUED = replies.OK.with_text("Ok: queued").to_bytes()
+
+
+def test_idle_session_is_told_421_at_once():
+    """An idle session gets 421 4.3.2 and is closed when the factory drains."""
+    session = ready()
+    session.factory.drain()
+    assert session.replies() == [replies.SHUTTING_DOWN.to_bytes()]
+    assert session.closed
+
+
+def test_busy_session_gets_its_outcome_before_421():
+    """A session whose message is with the next hop hears the outcome, then 421."""
+    session = ready()
+    session.begin()
+    session.hop.hold = True
+    session.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    session.replies()
+    session.factory.drain()
+    assert session.replies() == [] and not session.closed
+    session.hop.release()
+    assert session.replies() == [QUEUED, replies.SHUTTING_DOWN.to_bytes()]
+    assert session.closed
+
+
+def test_new_connection_while_draining_is_refused():
+    """A connection accepted while draining gets 421 4.3.2 instead of the greeting."""
+    session = ready()
+    session.factory.drain()
+    late = session.another()
+    assert late.replies() == [replies.SHUTTING_DOWN.to_bytes()]
+
+
+def test_drain_service_waits_for_pending_outcomes():
+    """Stopping the Drain service fires only once no session is busy (or at its timeout)."""
+    session = ready()
+    session.begin()
+    session.hop.hold = True
+    session.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    clock: Clock = session.clock
+    drain = Drain(clock, [session.factory], timeout=30.0)
+    drain.startService()
+    stopped = drain.stopService()
+    clock.advance(1.0)
+    assert not stopped.called
+    session.hop.release()
+    clock.advance(0.1)
+    assert stopped.called
+
+
+def test_drain_service_gives_up_at_its_timeout():
+    """A next hop that never answers does not hold the shutdown past the timeout."""
+    session = ready()
+    session.begin()
+    session.hop.hold = True
+    session.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    clock: Clock = session.clock
+    drain = Drain(clock, [session.factory], timeout=5.0)
+    drain.startService()
+    stopped = drain.stopService()
+    clock.advance(4.9)
+    assert not stopped.called
+    clock.advance(0.2)
+    assert stopped.called
