@@ -107,9 +107,11 @@ class Pipeline:
         if decision.notices and self._notifier is not None and not reply.transient:
             self._notify(incident)
         log.info(
-            "{id}: from=<{sender}> rcpts={rcpts} size={size} status={status} action={action} reply={code}"
+            "{id}: client={client} from=<{sender}> rcpts={rcpts} size={size} status={status} action={action}"
+            " reply={code}"
             " ({ms:.1f} ms)",
             id=transaction_id,
+            client=f"[{envelope.client.address}]:{envelope.client.port}",
             sender=envelope.sender,
             rcpts=len(envelope.recipients),
             size=message.size,
