@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.policy
 import hashlib
 import io
+import random
+import re
 import smtplib
 import threading
 import time
 import tracemalloc
 import zipfile
 from collections.abc import Callable, Iterator
+from email.message import Message as EmailMessage
+from email.parser import BytesFeedParser
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +38,26 @@ from smtpguard.envelope import Client, Envelope
 from smtpguard.plugins.bundled import builtin as builtin_plugin
 from smtpguard.results import ErrorKind, ScanResult, Threat, Verdict
 from smtpguard.scanners.builtin import EICAR, EICAR_NAME, BuiltinScanner
-from smtpguard.scanners.mimewalk import CHUNK_SIZE, Limits
-from smtpguard.scanners.signatures import Inspection, Matcher, Pattern, SignatureError, Signatures, parse_pattern
+from smtpguard.scanners.mimewalk import (
+    CHUNK_SIZE,
+    Entity,
+    Limits,
+    base64_runs,
+    base64_size,
+    base64_text,
+    decode_base64,
+    decode_base64_text,
+    parse,
+)
+from smtpguard.scanners.signatures import (
+    MAX_BASE64_PATTERNS,
+    Inspection,
+    Matcher,
+    Pattern,
+    SignatureError,
+    Signatures,
+    parse_pattern,
+)
 from smtpguard.spool import Message, Spool
 from tests.conftest import SmtpSink
 
@@ -673,6 +696,328 @@ def test_damaged_zip_never_raises(noise: bytes, at: int) -> None:
     assert isinstance(scan(mail(multipart(attachment(bytes(archive), b"x.zip")))), ScanResult)
 
 
+# -- the parser and the base64 heuristic, against their references ------------------------
+
+# The lines a MIME parser decides on: header fields, boundaries of two nested
+# multiparts (and near misses), attached messages, delivery-status blocks, digests,
+# misplaced envelope lines, 8-bit bytes and parameters that cannot be boundaries.
+_LINES = [
+    b"Content-Type: multipart/mixed; boundary=a",
+    b'Content-Type: multipart/alternative; boundary="b"',
+    b"Content-Type: multipart/digest; boundary=a",
+    b"Content-Type: multipart/mixed",
+    b'Content-Type: multipart/mixed; boundary=""',
+    b"Content-Type: multipart/mixed; boundary*=utf-8''%C3%A9",
+    b'Content-Type: multipart/mixed; boundary="\xe9"',
+    b"Content-Type: message/rfc822",
+    b"Content-Type: message/delivery-status",
+    b"Content-Type: text/plain",
+    b"Content-Transfer-Encoding: base64",
+    b"Subject: x",
+    b"X-8bit: caf\xe9",
+    b" continued",
+    b"\tcontinued",
+    b": no name",
+    b"From someone Mon Nov 30 10:00:00 2026",
+    b"",
+    b"--a",
+    b"--a--",
+    b"--a \t",
+    b"--a-- ",
+    b"--a x",
+    b"--ab",
+    b"--b",
+    b"--b--",
+    b"--\xe9",
+    b"--",
+    b"----",
+    b"-- ",
+    b"- x",
+    b"hello",
+    b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldY",
+    b"\xff\xfe\x00",
+    b"begin 644 x.bin",
+]
+_LINE_ENDS = [b"\r\n", b"\n", b"\r", b""]
+
+
+def feed_parsed(data: bytes, chunk: int) -> EmailMessage:
+    """The email package's parse of ``data``, fed ``chunk`` bytes at a time."""
+    parser = BytesFeedParser(policy=email.policy.compat32)
+    for start in range(0, len(data), chunk):
+        parser.feed(data[start : start + chunk])
+    return parser.close()
+
+
+def feed_tree(message: EmailMessage) -> tuple[Any, ...]:
+    """What the walk uses of a parsed message: fields, default type and the body's
+    bytes (as the parser holds them, not get_payload()'s charset-decoded text) or parts."""
+    payload = message._payload  # the raw form: get_payload() decodes 8-bit text with its charset
+    if isinstance(payload, list):
+        body: Any = [feed_tree(part) for part in payload]
+    else:
+        body = (payload or "").encode("ascii", "surrogateescape")
+    return (message.items(), message.get_default_type(), message.get_unixfrom(), body)
+
+
+def entity_tree(entity: Entity) -> tuple[Any, ...]:
+    body: Any = [entity_tree(part) for part in entity.parts] if entity.parts is not None else entity.body
+    return (entity.fields.items(), entity.fields.get_default_type(), entity.fields.get_unixfrom(), body)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.tuples(st.sampled_from(_LINES), st.sampled_from(_LINE_ENDS)), max_size=40),
+    st.integers(min_value=1, max_value=40),
+)
+def test_parser_splits_malformed_mime_as_the_email_package_does(lines: list[tuple[bytes, bytes]], chunk: int) -> None:
+    """Lines of MIME structure in any order, with any line ends: the parser finds the
+    same entities, fields and body bytes as email.feedparser (fed in chunks)."""
+    data = b"".join(line + end for line, end in lines)
+    assert entity_tree(parse(data)) == feed_tree(feed_parsed(data, chunk))
+
+
+def nested_mime(draw: random.Random, level: int = 0) -> list[bytes]:
+    """The lines of a MIME entity: multiparts (boundaries reused and mistyped, some
+    never closed), attached messages, delivery-status blocks and text, nested up to
+    five deep; header sections without their empty line now and then."""
+    lines = [b"From x"] if draw.random() < 0.1 else []
+    kind = draw.random() if level < 5 else 1.0
+    boundary = draw.choice([b"a", b"b", b"", b"a b", b"\xe9"])
+    if kind < 0.45:
+        subtype = draw.choice([b"mixed", b"digest", b"alternative"])
+        parameter = b'; boundary="' + boundary + b'"' if draw.random() < 0.9 else b""
+        lines.append(b"Content-Type: multipart/" + subtype + parameter)
+    elif kind < 0.6:
+        lines.append(draw.choice([b"Content-Type: message/rfc822", b"Content-Type: message/delivery-status"]))
+    elif kind < 0.8:
+        lines.append(b"Content-Type: text/plain")
+    lines += [draw.choice([b"Subject: x", b" continued", b"X: \xff", b"From y"]) for _ in range(draw.randint(0, 2))]
+    if draw.random() < 0.9:
+        lines.append(b"")
+    if kind < 0.45:
+        lines += [draw.choice([b"preamble", b"", b"--x"]) for _ in range(draw.randint(0, 2))]
+        for _ in range(draw.randint(0, 3)):
+            delimiter = boundary if draw.random() < 0.85 else draw.choice([b"a", b"b"])
+            lines.append(b"--" + delimiter + draw.choice([b"", b"", b" ", b"--"]))
+            lines += nested_mime(draw, level + 1)
+        if draw.random() < 0.7:
+            lines.append(b"--" + boundary + b"--")
+        lines += [draw.choice([b"epilogue", b""]) for _ in range(draw.randint(0, 2))]
+    elif kind < 0.6 and draw.random() < 0.5:
+        lines += nested_mime(draw, level + 1)
+    else:
+        lines += [
+            draw.choice([b"hello", b"", b"-- ", b"--a", b"Status: 5.0.0", b"\xff"]) for _ in range(draw.randint(0, 4))
+        ]
+    return lines
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False), st.sampled_from([[b"\r\n"], [b"\n"], [b"\r\n", b"\n", b"\r"]]))
+def test_parser_splits_nested_mime_as_the_email_package_does(draw: random.Random, ends: list[bytes]) -> None:
+    """Nested multiparts and messages, damaged: the same tree as email.feedparser's."""
+    lines = nested_mime(draw)
+    for _ in range(draw.randint(0, 2)):
+        if lines:
+            del lines[draw.randrange(len(lines))]
+    data = b"".join(line + draw.choice(ends) for line in lines)
+    assert entity_tree(parse(data)) == feed_tree(feed_parsed(data, draw.randint(1, 60)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=600))
+def test_parser_splits_random_bytes_as_the_email_package_does(data: bytes) -> None:
+    """Any bytes at all: the same tree as email.feedparser's."""
+    assert entity_tree(parse(data)) == feed_tree(feed_parsed(data, CHUNK_SIZE))
+
+
+def test_parser_keeps_bodies_as_their_exact_bytes() -> None:
+    """Bodies are the exact bytes between the boundaries, 8-bit ones included, less
+    the line end that belongs to the boundary after them."""
+    body = b"caf\xe9\r\n\xff\x00 binary\r\n"
+    message = mail(multipart(text(), headers(b"application/octet-stream", b"binary", b"x.bin") + b"\r\n" + body))
+    [first, second] = parse(message).parts or []
+    assert (first.body, second.body) == (b"Hello Bob.", b"caf\xe9\r\n\xff\x00 binary")
+
+
+def test_parser_finds_a_boundary_after_a_line_of_megabytes() -> None:
+    """A part whose body is one 5 MB line, then the closing boundary: split in well
+    under a second (a line end is searched for as bytes, never a character at a time)."""
+    message = mail(multipart(headers(b"application/octet-stream", None, b"x.bin") + b"\r\n" + b"A" * 5_000_000))
+    started = time.process_time()
+    [part] = parse(message).parts or []
+    assert time.process_time() - started < 0.2
+    assert part.body == b"A" * 5_000_000
+
+
+# The run pattern as the walk first used it (finditer over the whole text).
+_REFERENCE_RUN = re.compile(
+    rb"^[A-Za-z0-9+/]{16,}={0,2}[ \t]*\r?(?:\n|\Z)(?:[A-Za-z0-9+/]{4,}={0,2}[ \t]*\r?(?:\n|\Z))*", re.MULTILINE
+)
+_RUN_PIECES = [b"QUJD", b"QUJDREVGR0hJSktMTU5P", b"=", b"==", b" ", b"\t", b"\r", b"\n", b"\r\n", b"-", b"\xe9", b"x"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(_RUN_PIECES), max_size=60))
+def test_base64_runs_are_the_reference_patterns_matches(pieces: list[bytes]) -> None:
+    """base64_runs finds exactly the runs (24 bytes or more) that the reference
+    pattern's finditer finds."""
+    data = b"".join(pieces)
+    expected = [run.group(0) for run in _REFERENCE_RUN.finditer(data) if run.end() - run.start() >= 24]
+    assert list(base64_runs(data)) == expected
+
+
+def reference_base64(data: bytes) -> bytes:
+    """Lenient base64 as the walk first decoded it: junk dropped, the end's padding
+    stripped, each "="-separated segment decoded on its own."""
+    stripped = data.translate(
+        None, bytes(set(range(256)) - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="))
+    )
+    decoded = []
+    for segment in re.split(rb"=+", stripped.rstrip(b"=")):
+        segment = segment[:-1] if len(segment) % 4 == 1 else segment
+        if segment:
+            decoded.append(binascii.a2b_base64(segment + b"=" * (-len(segment) % 4)))
+    return b"".join(decoded)
+
+
+@settings(max_examples=1000)
+@given(
+    st.lists(st.sampled_from([b"QUJD", b"QQ", b"Q", b"=", b"==", b"\r\n", b" ", b"-", b"\xe9", b"\x00"]), max_size=30)
+)
+def test_decode_base64_is_the_reference_decoding(pieces: list[bytes]) -> None:
+    """Whole groups, partial ones, padding anywhere, line ends and junk: decode_base64
+    gives what the reference decoding gives."""
+    data = b"".join(pieces)
+    assert decode_base64(data) == reference_base64(data)
+
+
+@given(st.binary(max_size=200))
+def test_base64_size_is_the_decoded_size(data: bytes) -> None:
+    """For base64 text without "=", base64_size is the length decode_base64_text gives."""
+    text = base64_text(base64.b64encode(data) + data).replace(b"=", b"")
+    assert base64_size(text) == len(decode_base64_text(text))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.binary(min_size=5, max_size=40),
+    st.binary(max_size=60),
+    st.binary(max_size=60),
+    st.integers(min_value=0, max_value=3),
+)
+def test_base64_that_decodes_to_a_pattern_is_never_skipped(
+    pattern: bytes, before: bytes, after: bytes, cut: int
+) -> None:
+    """Whatever bytes surround a pattern (and so wherever it falls in the groups of
+    three), the inspection says base64 of them may match: it is decoded."""
+    text = base64_text(base64.b64encode(before + pattern + after))
+    text = text[: len(text) - cut] if cut and len(text) - cut > 0 else text
+    inspection = Inspection(Signatures.build(patterns=[Pattern("Test.P", pattern)]))
+    if pattern in decode_base64_text(text):
+        assert inspection.may_match_base64(text)
+
+
+def test_base64_that_cannot_decode_to_a_pattern_is_skipped() -> None:
+    """smtp-source's lines (a digit and 78 X) decode to bytes without EICAR: the
+    inspection says so, and they need no decoding."""
+    text = base64_text(b"".join(b"%dX" % (n % 10) + b"X" * 77 + b"\r\n" for n in range(100)))
+    assert not Inspection(Signatures()).may_match_base64(text)
+
+
+@pytest.mark.parametrize(
+    ("signatures", "why"),
+    [
+        (Signatures.build({hashlib.sha256(b"x").hexdigest(): "Test.Digest"}), "digests"),
+        (Signatures.build(patterns=[Pattern("Test.Short", b"\x00\x01\x02\x03")]), "a 4-byte pattern"),
+        (
+            Signatures.build(patterns=[Pattern(f"Test.{n}", b"pattern %d" % n) for n in range(MAX_BASE64_PATTERNS)]),
+            "too many patterns",
+        ),
+    ],
+)
+def test_base64_is_always_decoded_when_skipping_cannot_be_proven_safe(signatures: Signatures, why: str) -> None:
+    """With digests to compare, a pattern too short to have a whole group of three
+    wherever it starts, or more patterns than pay to search for: always decoded."""
+    assert Inspection(signatures).may_match_base64(b"WFhYWFhYWFhYWFhYWFhYWFhY"), why
+
+
+def headerless_base64(data: bytes, offset: int, line: int = 76) -> bytes:
+    """A message whose text part (no Content-Transfer-Encoding) is ``offset`` bytes
+    then ``data``, in base64."""
+    return mail(multipart(text(), headers(b"text/plain", None, b"e.txt") + b"\r\n" + b64(b"x" * offset + data, line)))
+
+
+@pytest.mark.parametrize("line", [76, 64, 17, 16])
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_undeclared_base64_finds_eicar_wherever_it_starts_in_the_groups(offset: int, line: int) -> None:
+    """EICAR behind 0 to 3 other bytes (so starting anywhere in a group of three), in
+    base64 lines of 76 to 16 characters (a run starts with 16 at least), in a part
+    with no Content-Transfer-Encoding: found."""
+    assert scan(headerless_base64(EICAR, offset, line)) == eicar_in("e.txt")
+
+
+def test_undeclared_base64_going_on_after_padding_is_decoded() -> None:
+    """Undeclared base64 of two encodings one after the other (padding in between):
+    decoded whole, so EICAR in the second is found."""
+    part = headers(b"text/plain", None, b"e.txt") + b"\r\n" + b64(b"harmless preamble") + b64(EICAR)
+    assert scan(mail(multipart(text(), part))) == eicar_in("e.txt")
+
+
+def test_undeclared_base64_finds_a_short_pattern() -> None:
+    """A 4-byte pattern (too short to look for in the base64 text itself) in undeclared
+    base64: the run is decoded and the pattern found."""
+    signatures = Signatures.build(patterns=[Pattern("Test.Short", b"\xde\xad\xbe\xef")])
+    message = headerless_base64(b"padding" * 5 + b"\xde\xad\xbe\xef" + b"padding" * 5, 1)
+    assert scan(message, signatures=signatures) == infected(("Test.Short", "e.txt"))
+
+
+def test_undeclared_base64_is_hashed_when_there_are_digests() -> None:
+    """Undeclared base64 whose decoded bytes have a listed SHA-256: found."""
+    payload = b"a dropper that has no pattern in it " * 10
+    signatures = Signatures.build({hashlib.sha256(payload).hexdigest(): "Test.Dropper"})
+    assert scan(headerless_base64(payload, 0), signatures=signatures) == infected(("Test.Dropper", "e.txt"))
+
+
+def test_skipped_base64_still_counts_toward_the_decoded_size_limit() -> None:
+    """300 KB of smtp-source lines (base64-looking, nothing in them) under a 100 KB
+    limit on decoded bytes: content-size, as when they were decoded."""
+    body = b"".join(b"%dX" % (n % 10) + b"X" * 77 + b"\r\n" for n in range(3800))
+    result = scan(b"Subject: x\r\n\r\n" + body, limits=Limits(max_expanded_size=100_000))
+    assert result == ScanResult.failed(ErrorKind.CONTENT_SIZE, "(body): more than 100000 bytes decoded", "builtin")
+
+
+def test_undeclared_base64_in_a_part_with_8bit_bytes_is_decoded() -> None:
+    """A part without Content-Transfer-Encoding that also holds 8-bit text: its
+    base64-looking lines are decoded all the same."""
+    part = headers(b"text/plain; charset=latin-1", None, b"e.txt") + b"\r\nCaf\xe9 cr\xe8me.\r\n\r\n" + b64(EICAR)
+    assert scan(mail(multipart(text(), part))) == eicar_in("e.txt")
+
+
+def test_byte_pattern_in_an_8bit_part_is_matched_on_its_exact_bytes() -> None:
+    """A binary part carrying bytes above 127: a hex pattern of them is found (the
+    bytes are not read as text in the part's charset first)."""
+    signatures = Signatures.build(patterns=[parse_pattern("Test.Hex:deadbeef00ff")])
+    body = b"\x00\x01" + bytes.fromhex("deadbeef00ff") + b"\xfe\r\n"
+    part = headers(b"application/octet-stream; charset=latin-1", b"binary", b"x.bin") + b"\r\n" + body
+    assert scan(mail(multipart(text(), part)), signatures=signatures) == infected(("Test.Hex", "x.bin"))
+
+
+def test_sha256_of_an_8bit_part_is_of_its_exact_bytes() -> None:
+    """The SHA-256 of a binary part is that of its bytes."""
+    payload = bytes(range(256)) * 4
+    signatures = Signatures.build({hashlib.sha256(payload).hexdigest(): "Test.Binary"})
+    part = headers(b"application/octet-stream", b"binary", b"x.bin") + b"\r\n" + payload + b"\r\n"
+    assert scan(mail(multipart(text(), part)), signatures=signatures) == infected(("Test.Binary", "x.bin"))
+
+
+def test_raw_zip_in_a_binary_part_is_opened() -> None:
+    """A zip sent as a binary part (no base64): opened, and its member scanned."""
+    part = headers(b"application/zip", b"binary", b"files.zip") + b"\r\n" + zipped({"eicar.com": EICAR}) + b"\r\n"
+    assert scan(mail(multipart(text(), part))) == eicar_in("files.zip/eicar.com")
+
+
 # -- speed and memory -----------------------------------------------------------------------
 
 
@@ -919,3 +1264,10 @@ async def test_proxy_rejects_an_eicar_attachment_with_554_571(smtp_sink: SmtpSin
     assert second[0] == 250
     [dump] = await threads.deferToThread(smtp_sink.messages, 1)
     assert b"Subject: test" in dump and b"report.txt" in dump and b"eicar" not in dump.lower()
+
+
+def test_undeclared_base64_zip_is_opened() -> None:
+    """A zip sent as base64 in a part that declares no encoding is decoded and opened."""
+    archive = b64(zipped({"eicar.com": EICAR}))
+    result = scan(mail(multipart(text(), headers(b"application/octet-stream", None, b"x.bin") + archive)))
+    assert [threat.name for threat in result.threats] == [EICAR_NAME]

@@ -194,9 +194,7 @@ def test_mail_body(value, body):
 
 def test_mail_body_unsupported():
     """An unknown BODY type: 555."""
-    assert mail_error("FROM:<a@example.com> BODY=UTF16") == replies.UNKNOWN_PARAMETER.with_text(
-        "Unsupported BODY type"
-    )
+    assert mail_error("FROM:<a@example.com> BODY=UTF16") == replies.UNKNOWN_PARAMETER.with_text("Unsupported BODY type")
 
 
 def test_mail_body_binarymime():

@@ -3,12 +3,14 @@ blocks, attached messages and zip archives, within limits of depth, count and si
 
 It only finds and decodes; what to look for in each file is the caller's
 :class:`Inspector`.  Malformed input never raises: it becomes a :class:`Problem`.
+Messages are split into parts by :func:`parse`, which follows the rules of the email
+package's feed parser but reads only header lines one by one: bodies are found by
+searching for the line that ends them, and kept as their exact bytes.
 """
 
 from __future__ import annotations
 
 import binascii
-import email.policy
 import io
 import re
 import tempfile
@@ -16,14 +18,12 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from email.header import decode_header, make_header
 from email.message import Message as EmailMessage
-from email.parser import BytesFeedParser
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Protocol
 
 import attrs
 
 from smtpguard.results import ErrorKind
-
-T = TypeVar("T")
+from smtpguard.scanners.mimeparse import Entity, parse
 
 CHUNK_SIZE = 256 * 1024
 # Nested archives and messages are spooled to be opened; beyond this they go to disk.
@@ -42,6 +42,9 @@ _UU_END = re.compile(rb"^end[ \t]*\r?$", re.MULTILINE)
 _BASE64_RUN = re.compile(
     rb"^[A-Za-z0-9+/]{16,}={0,2}[ \t]*\r?(?:\n|\Z)(?:[A-Za-z0-9+/]{4,}={0,2}[ \t]*\r?(?:\n|\Z))*", re.MULTILINE
 )
+# Where a run can start after the first line: the search skips from newline to
+# newline instead of trying the run's pattern at every byte.
+_BASE64_RUN_START = re.compile(rb"\n[A-Za-z0-9+/]{16}")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _NOT_BASE64 = bytes(byte for byte in range(256) if byte not in _BASE64_ALPHABET)
 _BOUNDARY_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-])[ \t]*\r?$", re.MULTILINE)
@@ -64,6 +67,10 @@ class Inspector(Protocol):
     def container(self, path: str) -> FileSink:
         """An archive or message whose members the walk visits one by one."""
 
+    def may_match_base64(self, text: bytes) -> bool:
+        """Whether base64 ``text`` (its alphabet only, no "=" in it) can decode to a file
+        with anything to report; when it cannot, the walk skips decoding it."""
+
 
 @attrs.frozen
 class Limits:
@@ -85,10 +92,6 @@ class Problem:
 
 class _Abort(Exception):
     """Ends the walk; the per-file error handling lets it through."""
-
-
-class _Unparsable(Exception):
-    """The email parser itself failed (it is lenient: this is a last resort)."""
 
 
 class LimitExceeded(_Abort):
@@ -135,17 +138,41 @@ def transfer_encoding(part: EmailMessage) -> str:
     return found.group(0) if found else ""
 
 
-def decode_base64(data: bytes) -> bytes:
-    """Lenient base64: junk characters skipped, bad padding forgiven, and data after
-    a padded end (concatenated encodings) not dropped."""
-    stripped = data.translate(None, _NOT_BASE64).rstrip(b"=")
+def base64_text(data: bytes) -> bytes:
+    """``data``'s base64 characters: junk skipped, the padding at the end dropped."""
+    return data.translate(None, _NOT_BASE64).rstrip(b"=")
+
+
+def decode_base64_text(text: bytes) -> bytes:
+    """Decode :func:`base64_text`: bad padding forgiven, and data after a padded end
+    (concatenated encodings) not dropped."""
     decoded = []
-    for segment in re.split(rb"=+", stripped) if b"=" in stripped else [stripped]:
+    for segment in re.split(rb"=+", text) if b"=" in text else [text]:
         if len(segment) % 4 == 1:
             segment = segment[:-1]
         if segment:
             decoded.append(binascii.a2b_base64(segment + b"=" * (-len(segment) % 4)))
     return b"".join(decoded)
+
+
+def decode_base64(data: bytes) -> bytes:
+    """Lenient base64: junk characters skipped, bad padding forgiven, and data after
+    a padded end (concatenated encodings) not dropped."""
+    padding = data.find(b"=")
+    if padding < 0 or not data[padding:].translate(None, _NOT_BASE64).strip(b"="):
+        # The usual shape, whole groups and padding only at the end: binascii skips
+        # line ends and junk itself, which spares a copy of the text without them.
+        try:
+            return binascii.a2b_base64(data)
+        except binascii.Error:  # a group cut short: forgiven below
+            pass
+    return decode_base64_text(base64_text(data))
+
+
+def base64_size(text: bytes) -> int:
+    """How many bytes :func:`decode_base64_text` makes of ``text``, which holds no "="."""
+    usable = len(text) - (len(text) % 4 == 1)
+    return usable * 3 // 4
 
 
 def decode_uu_lines(data: bytes) -> bytes:
@@ -180,12 +207,20 @@ def uu_blocks(data: bytes) -> Iterator[tuple[str, bytes]]:
 
 
 def base64_runs(data: bytes) -> Iterator[bytes]:
-    """Decoded runs of base64-looking lines (24 characters at least) in ASCII ``data``."""
-    if not data.isascii():
-        return
-    for run in _BASE64_RUN.finditer(data):
-        if run.end() - run.start() >= 24:
-            yield decode_base64(run.group(0))
+    """The runs of base64-looking lines (24 bytes at least) in ``data``, as they stand:
+    the matches of ``_BASE64_RUN.finditer(data)``, found faster."""
+    at = 0
+    while at < len(data):
+        run = _BASE64_RUN.match(data, at)
+        if run is not None:
+            if run.end() - at >= 24:
+                yield run.group(0)
+            at = run.end()
+            continue
+        start = _BASE64_RUN_START.search(data, at)
+        if start is None:
+            return
+        at = start.start() + 1
 
 
 def is_zip(head: bytes, name: str, content_type: str = "") -> bool:
@@ -200,7 +235,7 @@ def is_message(head: bytes, name: str, content_type: str = "", sniff: bool = Fal
     return sniff and _HEADER_START.match(head) is not None and _MESSAGE_HEADER.search(head) is not None
 
 
-def rediscovered(body: bytes) -> EmailMessage | None:
+def rediscovered(body: bytes) -> Entity | None:
     """A multipart whose boundary parameter is missing or wrong, re-parsed with the
     boundary its body actually uses (the first ``--token`` line that recurs)."""
     lines = _BOUNDARY_LINE.finditer(body)
@@ -210,20 +245,9 @@ def rediscovered(body: bytes) -> EmailMessage | None:
     boundary = first.group(1)
     if not any(line.group(1) in (boundary, boundary + b"--") for line in lines):
         return None
-    parser = BytesFeedParser(policy=email.policy.compat32)
-    parser.feed(b'Content-Type: multipart/mixed; boundary="' + boundary.replace(b'"', b"") + b'"\r\n\r\n')
-    parser.feed(body)
-    message = parser.close()
-    return message if message.is_multipart() else None
-
-
-def _parser_step(step: Callable[..., T], *arguments: Any) -> T:
-    try:
-        return step(*arguments)
-    except (_Abort, RecursionError):
-        raise
-    except Exception as error:  # the parser is lenient: this is a last resort
-        raise _Unparsable(repr(error)) from error
+    header = b'Content-Type: multipart/mixed; boundary="' + boundary.replace(b'"', b"") + b'"\r\n\r\n'
+    entity = parse(header + body)
+    return entity if entity.parts is not None else None
 
 
 def _read_back(spool: IO[bytes]) -> Iterator[bytes]:
@@ -295,50 +319,46 @@ class Walker:
 
     def _parsed(self, chunks: Iterable[bytes], depth: int, prefix: str) -> None:
         """Parse and walk the message in ``chunks``, whose contents are at ``depth``."""
-        parser = BytesFeedParser(policy=email.policy.compat32)
+        # Only the parser's own failures are the content's fault: an error reading
+        # ``chunks`` (a closed spool, say) goes on up.
+        data = b"".join(chunks)
         try:
-            # Only the parser's own failures are the content's fault: an error reading
-            # ``chunks`` (a closed spool, say) goes on up.
-            for chunk in chunks:
-                _parser_step(parser.feed, chunk)
-            message = _parser_step(parser.close)
-        except _Unparsable as error:
-            self._problem(ErrorKind.CORRUPT_FILE, f"{prefix or 'message'}: cannot parse: {error}")
+            root = parse(data)
+        except (_Abort, RecursionError):
+            raise
+        except Exception as error:  # the parser is lenient: this is a last resort
+            self._problem(ErrorKind.CORRUPT_FILE, f"{prefix or 'message'}: cannot parse: {error!r}")
             return
-        self._message(message, depth, prefix)
+        del data
+        self._message(root, depth, prefix)
 
-    def _message(self, root: EmailMessage, depth: int, prefix: str) -> None:
+    def _message(self, root: Entity, depth: int, prefix: str) -> None:
         """Every part of ``root``, in order.  Nested multiparts use a stack of our own,
         not recursion: only attached messages and archives add depth."""
-        stack: list[tuple[EmailMessage, bool]] = [(root, False)]
+        stack: list[tuple[Entity, bool]] = [(root, False)]
         while stack:
             part, repaired = stack.pop()
-            name = part_name(part)
+            fields = part.fields
+            name = part_name(fields)
             path = join(prefix, name or BODY)
             self._count_part(path)
-            payload = part.get_payload()
-            if isinstance(payload, list):
-                children = [child for child in payload if isinstance(child, EmailMessage)]
-                if part.get_content_maintype() != "message":
-                    stack.extend((child, False) for child in reversed(children))
+            if part.parts is not None:
+                if fields.get_content_maintype() != "message":
+                    stack.extend((child, False) for child in reversed(part.parts))
                 elif not self._too_deep(depth, join(prefix, name or "(message)")):
-                    for child in children:
+                    for child in part.parts:
                         self._message(child, depth + 1, join(prefix, name))
                 continue
-            data = self._decoded(part, payload, path)
-            if part.get_content_maintype() == "multipart" and not repaired:
+            data = self._decoded(fields, part.body, path)
+            if fields.get_content_maintype() == "multipart" and not repaired:
                 repair = rediscovered(data)
                 if repair is not None:
                     stack.append((repair, True))
                     continue
-            self._file(data, path, depth, name, part.get_content_type())
-            self._embedded(data, part, prefix, path, depth)
+            self._file(data, path, depth, name, fields.get_content_type())
+            self._embedded(data, fields, prefix, path, depth)
 
-    def _decoded(self, part: EmailMessage, payload: object, path: str) -> bytes:
-        if not isinstance(payload, str):
-            return b""
-        # The bytes parser keeps 8-bit bytes as surrogates: this gives them back exactly.
-        raw = payload.encode("utf-8", "surrogateescape")
+    def _decoded(self, part: EmailMessage, raw: bytes, path: str) -> bytes:
         encoding = transfer_encoding(part)
         if encoding not in _DECODED:
             return raw
@@ -362,8 +382,22 @@ class Walker:
             self._file(block, block_path, depth, name)
         if transfer_encoding(part) in _DECODED:
             return
-        for block in base64_runs(data):
+        for run in base64_runs(data):
+            text = base64_text(run)
+            # A run that starts like an archive or a message is opened like one (a
+            # forwarded message sent as base64 without its headers, say); any other
+            # run is a plain file, skipped when the inspector says its bytes cannot
+            # match, since decoding it would show nothing.
+            head = decode_base64_text(text[: HEAD // 3 * 4])
+            zipped = is_zip(head, "")
+            container = zipped or is_message(head, "", sniff=True)
+            if not container and b"=" not in text and not self._inspector.may_match_base64(text):
+                self._expand(base64_size(text), path)
+                continue
+            block = decode_base64_text(text)
             self._expand(len(block), path)
+            if container and self._container(io.BytesIO(block), path, depth, zipped):
+                continue
             self._inspect(self._inspector.file(path), (block,))
 
     # files

@@ -3,6 +3,8 @@ files and byte patterns, read from the user's lists and matched on streams of by
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -16,6 +18,9 @@ EICAR_NAME = "Eicar-Test-Signature"
 
 # A pattern this short would match nearly every message: a typo, not a signature.
 MIN_PATTERN_LENGTH = 4
+
+# Beyond this many patterns, looking for each in base64 text costs more than decoding it.
+MAX_BASE64_PATTERNS = 8
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
@@ -145,12 +150,44 @@ class Matcher:
             self._hash = None
 
 
+@functools.lru_cache(maxsize=16)
+def base64_forms(patterns: tuple[Pattern, ...]) -> tuple[bytes, ...] | None:
+    """What base64 text must contain to decode to bytes holding one of ``patterns``.
+
+    Decoded bytes come in groups of three from four characters.  A pattern starts 0, 1
+    or 2 bytes before a group boundary; from there on, its whole groups are encoded
+    as fixed characters.  So unpadded base64 text (one run of groups) that holds none
+    of these three encodings of any pattern cannot decode to a pattern.  None when a
+    pattern is too short to have a whole group at every start (or there are too many
+    patterns for the search to pay).
+    """
+    if len(patterns) > MAX_BASE64_PATTERNS:
+        return None
+    forms = []
+    for pattern in patterns:
+        for start in range(3):
+            groups = pattern.data[start:]
+            groups = groups[: len(groups) // 3 * 3]
+            if not groups:
+                return None
+            forms.append(base64.b64encode(groups))
+    return tuple(forms)
+
+
 class Inspection:
     """The threats found in one message; hands out a :class:`Matcher` per file."""
 
     def __init__(self, signatures: Signatures) -> None:
         self.signatures = signatures
         self.threats: list[Threat] = []
+        self._base64_forms = None if signatures.digests else base64_forms(signatures.patterns)
+
+    def may_match_base64(self, text: bytes) -> bool:
+        """Whether base64 ``text`` (its alphabet only, no "=") can decode to a file with a
+        pattern in it or a listed digest: always, when there are digests to compare."""
+        if self._base64_forms is None:
+            return True
+        return any(form in text for form in self._base64_forms)
 
     def file(self, path: str) -> Matcher:
         """A file's contents: patterns and digest."""

@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""CPU time per message of the built-in scanner (``BuiltinScanner.scan_now``) for a
+few message shapes, optionally side by side with another checkout of the code.
+
+Each message is spooled once the way the proxy holds it (in memory up to 1 MiB, else
+in a temporary file) and scanned over and over in this process; every scan must come
+back clean.  ``--baseline DIR`` runs this same script against the checkout in DIR
+(``git archive HEAD | tar -x -C DIR`` makes one) in a child process, alternating
+with the code here round by round, and shows both with their ratio.
+
+Run ``python benchmarks/builtin.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+DEFAULT_REPO = HERE.parent.parent
+
+HEADERS = (
+    b"Received: from client.example ([127.0.0.1])\r\n\tby guard.test with SMTP;\r\n"
+    b"\tMon, 30 Nov 2026 10:00:00 +0000\r\n"
+    b"From: <foo@client.example>\r\nTo: <bar@guard.test>\r\n"
+    b"Date: Mon, 30 Nov 2026 10:00:00 +0000\r\nMessage-Id: <1.2.3@client.example>\r\n"
+)
+PROSE = (
+    b"Dear Bob, the quarterly figures are attached; the totals in the second table\r\n"
+    b"include the adjustments we discussed on Tuesday. Let me know what you think.\r\n"
+)
+
+
+def source_body(size: int) -> bytes:
+    """A body like Postfix smtp-source's ``-l size``: lines of a digit and 78 X."""
+    lines = []
+    length = 0
+    number = 1
+    while length < size:
+        line = b"%d" % (number % 10) + b"X" * 78 + b"\r\n"
+        lines.append(line)
+        length += len(line)
+        number += 1
+    return b"".join(lines)
+
+
+def wrapped(data: bytes) -> bytes:
+    encoded = base64.b64encode(data)
+    return b"".join(encoded[i : i + 76] + b"\r\n" for i in range(0, len(encoded), 76))
+
+
+def text_message(size: int) -> bytes:
+    return HEADERS + b"Subject: plain\r\n\r\n" + source_body(size)
+
+
+def multipart_message(size: int, encoded_attachment: int) -> bytes:
+    """A text part of prose and a base64 attachment of random bytes (``encoded_attachment``
+    bytes of base64), the whole about ``size`` bytes."""
+    attachment = wrapped(random.Random(size).randbytes(encoded_attachment * 3 // 4))
+    head = HEADERS + b'Subject: report\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="=_b1"\r\n\r\n'
+    text_part = b"--=_b1\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    file_part = (
+        b'--=_b1\r\nContent-Type: application/pdf; name="report.pdf"\r\n'
+        b'Content-Disposition: attachment; filename="report.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+    )
+    fixed = len(head) + len(text_part) + len(file_part) + len(attachment) + len(b"--=_b1--\r\n")
+    prose = PROSE * max(1, (size - fixed) // len(PROSE))
+    return head + text_part + prose + file_part + attachment + b"--=_b1--\r\n"
+
+
+SHAPES: dict[str, Callable[[], bytes]] = {
+    "20 KB text": lambda: text_message(20_000),
+    "1 MB text": lambda: text_message(1_000_000),
+    "1 MB multipart": lambda: multipart_message(1_000_000, 700_000),
+    "5 MB multipart": lambda: multipart_message(5_000_000, 4_900_000),
+}
+DESCRIPTIONS = {
+    "20 KB text": "smtp-source -l 20000: digit + 78 X a line, no MIME",
+    "1 MB text": "smtp-source -l 1000000: digit + 78 X a line, no MIME",
+    "1 MB multipart": "300 KB text part + 700 KB base64 attachment",
+    "5 MB multipart": "100 KB text part + 4.9 MB base64 attachment",
+}
+
+
+def scans_per_round(data: bytes, budget: float) -> int:
+    return max(3, int(budget / max(len(data), 1) * 1_000_000))
+
+
+def measure(repo: Path, rounds: int, shapes: Sequence[str]) -> dict[str, list[float]]:
+    """CPU ms per scan for each shape, one median per round, with the code in ``repo``."""
+    sys.path.insert(0, str(repo))
+    from smtpguard.results import Verdict
+    from smtpguard.scanners.builtin import BuiltinScanner
+    from smtpguard.spool import Spool
+
+    scanner = BuiltinScanner()
+    results: dict[str, list[float]] = {shape: [] for shape in shapes}
+    messages = {}
+    for shape in shapes:
+        data = SHAPES[shape]()
+        spool = Spool(0)
+        spool.write(data)
+        messages[shape] = (spool.finish(), scans_per_round(data, 40.0))
+        # Warm-up, and the check that the message is clean.
+        result = scanner.scan_now(messages[shape][0])
+        if result.verdict is not Verdict.CLEAN:
+            raise SystemExit(f"{shape}: expected clean, got {result}")
+    for _ in range(rounds):
+        for shape in shapes:
+            message, count = messages[shape]
+            times = []
+            for _ in range(count):
+                started = time.process_time()
+                scanner.scan_now(message)
+                times.append((time.process_time() - started) * 1000)
+            results[shape].append(statistics.median(times))
+    return results
+
+
+def child(repo: Path, rounds: int, shapes: Sequence[str]) -> dict[str, list[float]]:
+    command = [sys.executable, str(HERE), "--repo", str(repo), "--rounds", str(rounds), "--json"]
+    command += ["--shapes", ",".join(shapes)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    results: dict[str, list[float]] = json.loads(done.stdout)
+    return results
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.rjust(width) if i else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, ["-" * width for width in widths], *rows]
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of scans per shape (default 5)")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
+    parser.add_argument("--baseline", type=Path, help="another checkout to measure side by side (the 'before')")
+    parser.add_argument("--repo", type=Path, default=DEFAULT_REPO, help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    arguments = parser.parse_args(argv)
+    shapes = [shape.strip() for shape in arguments.shapes.split(",") if shape.strip()]
+    unknown = [shape for shape in shapes if shape not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shapes: {', '.join(unknown)}")
+    if arguments.json:
+        print(json.dumps(measure(arguments.repo, arguments.rounds, shapes)))
+        return 0
+    sizes = {shape: len(SHAPES[shape]()) for shape in shapes}
+    if arguments.baseline is None:
+        current = child(arguments.repo, arguments.rounds, shapes)
+        rows = [[shape, f"{sizes[shape]:,}", spread(current[shape]), DESCRIPTIONS[shape]] for shape in shapes]
+        print(table(["message", "bytes", "CPU ms/msg", "shape"], rows))
+        return 0
+    before: dict[str, list[float]] = {shape: [] for shape in shapes}
+    after: dict[str, list[float]] = {shape: [] for shape in shapes}
+    for round_number in range(arguments.rounds):
+        # Alternate which code goes first, so that a noisy neighbour weighs on both alike.
+        order = [(arguments.baseline, before), (arguments.repo, after)]
+        for repo, into in order if round_number % 2 == 0 else reversed(order):
+            for shape, values in child(repo, 1, shapes).items():
+                into[shape].extend(values)
+        print(f"round {round_number + 1}/{arguments.rounds} done", file=sys.stderr)
+    rows = []
+    for shape in shapes:
+        ratio = statistics.median(b / a for b, a in zip(before[shape], after[shape], strict=True))
+        rows.append(
+            [
+                shape,
+                f"{sizes[shape]:,}",
+                spread(before[shape]),
+                spread(after[shape]),
+                f"{ratio:.2f}x",
+                DESCRIPTIONS[shape],
+            ]
+        )
+    print(table(["message", "bytes", "before CPU ms/msg", "after CPU ms/msg", "speed-up", "shape"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
