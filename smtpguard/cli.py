@@ -30,30 +30,23 @@ def scan(arguments: argparse.Namespace) -> int:
     """Scan message files with the configured scanners, like clamdscan: exit 0 when
     all are clean, 1 when any is infected, 2 when any could not be scanned (and
     none is infected)."""
-    from twisted.internet import task
     from twisted.internet.defer import Deferred, succeed
 
+    from smtpguard.running import run_until_done
     from smtpguard.scanfiles import EXIT_ERROR, load_config, scan_files
     from smtpguard.tap import build_scanners
 
-    status = [EXIT_ERROR]
-
-    def run(reactor: Any) -> Deferred[None]:
+    def run(reactor: Any) -> Deferred[int]:
         try:
             loaded = load_config(arguments.config, arguments.scanner)
             scanner = build_scanners(loaded, reactor)
         except ConfigError as error:
             print(f"smtpguard: {error}", file=sys.stderr)
-            return succeed(None)
+            return succeed(EXIT_ERROR)
         scanning = scan_files(reactor, scanner, loaded.scan_timeout, arguments.files, sys.stdout)
-        return Deferred.fromCoroutine(scanning).addCallback(lambda code: status.__setitem__(0, code))
+        return Deferred.fromCoroutine(scanning)
 
-    try:
-        task.react(run)
-    except SystemExit as exit_:
-        if exit_.code:
-            return EXIT_ERROR
-    return status[0]
+    return run_until_done(run, EXIT_ERROR)
 
 
 def capture(arguments: argparse.Namespace) -> int:

@@ -193,38 +193,29 @@ def _reply_line(reply: Reply) -> str:
 
 def release(arguments: argparse.Namespace) -> int:
     """Release through the next hop and print its reply: exit 0 on 250, 1 otherwise."""
-    from twisted.internet import task
     from twisted.internet.defer import Deferred, succeed
     from twisted.python.failure import Failure
 
+    from smtpguard.running import run_until_done
     from smtpguard.upstream import Upstream
 
-    status = [EXIT_FAILED]
-
-    def run(reactor: Any) -> Deferred[None]:
+    def run(reactor: Any) -> Deferred[int]:
         try:
             store = _open_store(arguments, reactor)
             next_hop = Upstream(reactor, upstream_settings(arguments))
         except (ConfigError, _UsageError) as error:
-            status[0] = _failed(error)
-            return succeed(None)
+            return succeed(_failed(error))
         except ValueError as error:  # clientFromString on a malformed endpoint
-            status[0] = _failed(Exception(f"bad next hop endpoint: {error}"))
-            return succeed(None)
+            return succeed(_failed(Exception(f"bad next hop endpoint: {error}")))
 
-        def replied(reply: Reply) -> None:
+        def replied(reply: Reply) -> int:
             print(_reply_line(reply))
-            status[0] = EXIT_OK if reply.code == 250 else EXIT_FAILED
+            return EXIT_OK if reply.code == 250 else EXIT_FAILED
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> int:
             failure.trap(QuarantineError)
-            status[0] = _failed(failure.value)  # type: ignore[arg-type]
+            return _failed(failure.value)  # type: ignore[arg-type]
 
         return store.release(arguments.id, next_hop).addCallbacks(replied, failed)
 
-    try:
-        task.react(run)
-    except SystemExit as exit_:
-        if exit_.code:
-            return EXIT_FAILED
-    return status[0]
+    return run_until_done(run, EXIT_FAILED)
