@@ -7,9 +7,18 @@ from twisted.internet.task import Clock
 
 from smtpguard import replies
 from smtpguard.tap import Drain
-from tests.test_server import ready
+from tests.test_server import Session, ready
 
 QUEUED = replies.OK.with_text("Ok: queued").to_bytes()
+
+
+def waiting_for_the_next_hop() -> Session:
+    """A session whose message is with a next hop that holds its replies."""
+    session = ready()
+    session.begin()
+    session.hop.hold = True
+    session.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    return session
 
 
 def test_idle_session_is_told_421_at_once():
@@ -22,10 +31,7 @@ def test_idle_session_is_told_421_at_once():
 
 def test_busy_session_gets_its_outcome_before_421():
     """A session whose message is with the next hop hears the outcome, then 421."""
-    session = ready()
-    session.begin()
-    session.hop.hold = True
-    session.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    session = waiting_for_the_next_hop()
     session.replies()
     session.factory.drain()
     assert session.replies() == [] and not session.closed
@@ -44,10 +50,7 @@ def test_new_connection_while_draining_is_refused():
 
 def test_drain_service_waits_for_pending_outcomes():
     """Stopping the Drain service fires only once no session is busy (or at its timeout)."""
-    session = ready()
-    session.begin()
-    session.hop.hold = True
-    session.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    session = waiting_for_the_next_hop()
     clock: Clock = session.clock
     drain = Drain(clock, [session.factory], timeout=30.0)
     drain.startService()
@@ -61,10 +64,7 @@ def test_drain_service_waits_for_pending_outcomes():
 
 def test_drain_service_gives_up_at_its_timeout():
     """A next hop that never answers does not hold the shutdown past the timeout."""
-    session = ready()
-    session.begin()
-    session.hop.hold = True
-    session.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    session = waiting_for_the_next_hop()
     clock: Clock = session.clock
     drain = Drain(clock, [session.factory], timeout=5.0)
     drain.startService()
