@@ -1,7 +1,9 @@
 """A small ESMTP client protocol: commands in, replies out, one Deferred each.
 
 It keeps the server's EHLO capabilities, sends message data dot-stuffed from an
-iterator of chunks with backpressure, and never buffers a whole message.
+iterator of chunks with backpressure, and never buffers a whole message.  It
+refuses to write a command while message data is being written: a command in
+the middle of the data would become part of the message.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ MAX_REPLY_LINES = 200
 
 class ProtocolViolation(Exception):
     """The server sent something that is not an SMTP reply."""
+
+
+class WhileProducing(RuntimeError):
+    """A command was about to be written into the message data: a bug of the caller."""
 
 
 def parse_extensions(reply: Reply) -> dict[str, str]:
@@ -80,12 +86,40 @@ class SMTPClientProtocol(Protocol):
         self._buffer = b""
         self._lines: list[bytes] = []
         self._waiting: deque[Deferred[Reply]] = deque()
+        self._idle_waiters: list[Deferred[None]] = []
+        self._producer: _DataProducer | None = None
         self.greeting: Deferred[Reply] = Deferred()
         self._waiting.append(self.greeting)
         self.extensions: dict[str, str] = {}
         self.connected_ = False
         self.tls = False
+        # Set by the session once greeting, EHLO (and TLS) are done: only such
+        # a connection may serve another session.
+        self.set_up = False
         self.lost: Deferred[None] = Deferred()
+
+    @property
+    def idle(self) -> bool:
+        """Connected, no reply outstanding, no data being written."""
+        return self.connected_ and not self._waiting and self._producer is None
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires once no reply is outstanding and no data is being written (at
+        once if so now); fails if the connection is lost first."""
+        waiter: Deferred[None] = Deferred()
+        if not self.connected_:
+            waiter.errback(ConnectionDone("not connected"))
+        elif self.idle:
+            waiter.callback(None)
+        else:
+            self._idle_waiters.append(waiter)
+        return waiter
+
+    def _check_idle(self) -> None:
+        if self._idle_waiters and self.idle:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def connectionMade(self) -> None:
         self.connected_ = True
@@ -121,6 +155,8 @@ class SMTPClientProtocol(Protocol):
         waiter = self._waiting.popleft()
         if not waiter.called:  # a waiter that timed out was cancelled
             waiter.callback(Reply.from_lines(lines))
+        self._check_idle()
+        return None
 
     def _violation(self, why: str) -> None:
         self._fail_all(Failure(ProtocolViolation(why)))
@@ -128,10 +164,14 @@ class SMTPClientProtocol(Protocol):
 
     def _fail_all(self, failure: Failure) -> None:
         self.connected_ = False
+        self.set_up = False
         waiting, self._waiting = self._waiting, deque()
+        idle_waiters, self._idle_waiters = self._idle_waiters, []
         for waiter in waiting:
             if not waiter.called:
                 waiter.errback(failure)
+        for idle_waiter in idle_waiters:
+            idle_waiter.errback(failure)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._fail_all(reason)
@@ -147,7 +187,12 @@ class SMTPClientProtocol(Protocol):
         return waiter
 
     def command(self, line: str) -> Deferred[Reply]:
-        """Send one command line (without CRLF); fires with its reply."""
+        """Send one command line (without CRLF); fires with its reply.
+
+        @raise WhileProducing: message data is being written.
+        """
+        if self._producer is not None:
+            raise WhileProducing(f"{line.split(' ', 1)[0]} while message data is being written")
         waiter = self.expect_reply()
         if self.connected_:
             self.transport.write(line.encode("utf-8") + b"\r\n")  # type: ignore[union-attr]
@@ -167,10 +212,20 @@ class SMTPClientProtocol(Protocol):
         return self._produce(_after(f"BDAT {size} LAST\r\n".encode("ascii"), chunks))
 
     def _produce(self, chunks: Iterator[bytes]) -> tuple[Deferred[None], Deferred[Reply]]:
+        if self._producer is not None:
+            raise WhileProducing("message data is already being written")
         reply = self.expect_reply()
         producer = _DataProducer(self.transport, chunks)  # type: ignore[arg-type]
         if self.connected_:
+            self._producer = producer
             self.transport.registerProducer(producer, False)  # type: ignore[union-attr]
+
+        def written(result: object) -> object:
+            self._producer = None
+            self._check_idle()
+            return result
+
+        producer.done.addBoth(written)
         return producer.done, reply
 
     def start_tls(self, context: interfaces.IOpenSSLClientConnectionCreator) -> None:

@@ -26,7 +26,7 @@ from smtpguard import replies
 from smtpguard.envelope import BodyType, Client, Envelope, Recipient, encode_xtext, mail_arguments, rcpt_arguments
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
-from smtpguard.smtpclient import ProtocolViolation, SMTPClientProtocol, parse_extensions
+from smtpguard.smtpclient import ProtocolViolation, SMTPClientProtocol, WhileProducing, parse_extensions
 from smtpguard.spool import Message
 
 log = Logger()
@@ -59,6 +59,9 @@ class _Failed(Exception):
 
 
 def _reply_for(failure: Failure) -> Reply:
+    if failure.check(IllegalTransition, WhileProducing):
+        log.failure("next hop session out of order", failure)
+        return replies.LOCAL_ERROR
     if failure.check(_Failed):
         return failure.value.reply  # type: ignore[union-attr,no-any-return]
     if failure.check(defer.TimeoutError, error.TimeoutError):
@@ -94,10 +97,44 @@ def _xforward(client: Client, offered: str) -> str | None:
     return "XFORWARD " + " ".join(words) if words else None
 
 
+class HopState(Enum):
+    """Where one client session's conversation with the next hop stands."""
+
+    IDLE = "idle"  # no connection
+    CONNECTING = "connecting"  # connect, greeting, EHLO, STARTTLS under way
+    READY = "ready"  # set up, outside a transaction
+    IN_TRANSACTION = "in transaction"  # MAIL accepted
+    STREAMING = "streaming"  # message data going out, its end not yet written
+    AWAITING_REPLY = "awaiting reply"  # the end of data is out; its reply is not in
+
+
+# Every other transition is a bug, caught where it happens.
+_TRANSITIONS: dict[HopState, frozenset[HopState]] = {
+    HopState.IDLE: frozenset({HopState.CONNECTING}),
+    HopState.CONNECTING: frozenset({HopState.READY}),
+    HopState.READY: frozenset({HopState.IN_TRANSACTION}),
+    HopState.IN_TRANSACTION: frozenset({HopState.READY, HopState.STREAMING}),
+    HopState.STREAMING: frozenset({HopState.AWAITING_REPLY}),
+    HopState.AWAITING_REPLY: frozenset({HopState.READY}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """The session was asked to do something its state does not allow."""
+
+
 @implementer(IRelaySession)
 class UpstreamSession:
-    """One client session's connection to the next hop, opened at the first MAIL
-    and kept for the following transactions."""
+    """One client session's conversation with the next hop, opened at the first
+    MAIL and kept for the following transactions.
+
+    Its :class:`HopState` is explicit and every change is checked.  When the
+    client goes (:meth:`close`), a message whose end of data has not been
+    written is abandoned by cutting the connection (the next hop never queues a
+    part of it); one whose end of data is out is waited for; and a connection
+    goes back to the pool only fully set up, outside a transaction, with no reply
+    outstanding.  Any failure drops the connection (state ``IDLE``).
+    """
 
     def __init__(
         self,
@@ -111,11 +148,20 @@ class UpstreamSession:
         self._settings = settings
         self._pool = pool
         self._protocol: SMTPClientProtocol | None = None
-        self._in_transaction = False
+        self._connecting: Deferred[Any] | None = None
+        self.state = HopState.IDLE
+        self.closed = False
 
     @property
     def extensions(self) -> dict[str, str]:
         return self._protocol.extensions if self._protocol else {}
+
+    def _enter(self, state: HopState) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise IllegalTransition(f"{self.state.value} -> {state.value}")
+        self.state = state
+
+    # -- connection -----------------------------------------------------------------
 
     def _command(self, line: str, timeout: float | None = None) -> Deferred[Reply]:
         assert self._protocol is not None
@@ -133,34 +179,65 @@ class UpstreamSession:
 
         return waiting.addTimeout(timeout or self._settings.timeout, self._reactor, on_timeout)  # type: ignore[arg-type]
 
-    async def _connect(self) -> bool:
-        """Make sure there is a connection; True if it was kept from an earlier session."""
-        if self._protocol is not None and self._protocol.connected_:
+    async def _ensure_connection(self) -> bool:
+        """Bring the session to READY; True if it took a kept connection."""
+        if self.state is not HopState.IDLE:
             return False
-        self._protocol = self._pool.take() if self._pool is not None else None
-        if self._protocol is not None:
+        kept = self._pool.take(self._settings) if self._pool is not None else None
+        self._enter(HopState.CONNECTING)
+        if kept is not None:
+            self._protocol = kept
+            self._enter(HopState.READY)
             return True
+        self._protocol = await self._open(starttls=self._settings.tls is not UpstreamTLS.NONE)
+        self._protocol.set_up = True
+        self._enter(HopState.READY)
+        return False
+
+    async def _open(self, starttls: bool) -> SMTPClientProtocol:
+        """A new connection, greeted, EHLO'd and (as the settings ask) in TLS."""
         factory = Factory.forProtocol(SMTPClientProtocol)
         factory.noisy = False
-        connecting = self._endpoint.connect(factory)
-        connecting.addTimeout(self._settings.connect_timeout, self._reactor)  # type: ignore[arg-type]
-        protocol: SMTPClientProtocol = await connecting  # type: ignore[assignment]
+        self._connecting = self._endpoint.connect(factory)
+        self._connecting.addTimeout(self._settings.connect_timeout, self._reactor)  # type: ignore[arg-type]
+        try:
+            protocol: SMTPClientProtocol = await self._connecting  # type: ignore[assignment]
+        finally:
+            self._connecting = None
         self._protocol = protocol
+        if self.closed:
+            raise _Failed(replies.UPSTREAM_UNAVAILABLE)
         greeting = await self._timed(protocol.greeting)
         if greeting.code != 220:
             raise _Failed(self._relayed(greeting, replies.UPSTREAM_UNAVAILABLE))
         await self._hello()
-        if self._settings.tls is not UpstreamTLS.NONE:
-            if "STARTTLS" in protocol.extensions:
-                reply = await self._command("STARTTLS")
-                if reply.code != 220:
-                    raise _Failed(replies.UPSTREAM_UNAVAILABLE)
-                protocol.start_tls(_tls_options(self._settings))
-                await self._hello()
-            elif self._settings.tls is UpstreamTLS.REQUIRED:
+        if not starttls:
+            return protocol
+        if "STARTTLS" not in protocol.extensions:
+            if self._settings.tls is UpstreamTLS.REQUIRED:
                 log.warn("next hop offers no STARTTLS but tls = required")
                 raise _Failed(replies.UPSTREAM_UNAVAILABLE)
-        return False
+            return protocol
+        reply = await self._command("STARTTLS")
+        if reply.code != 220:
+            if self._settings.tls is UpstreamTLS.REQUIRED:
+                log.warn("next hop refused STARTTLS ({reply}) but tls = required", reply=reply)
+                raise _Failed(replies.UPSTREAM_UNAVAILABLE)
+            # Opportunistic, as Postfix's "may" level: carry on in plain text.
+            log.info("next hop refused STARTTLS ({reply}); going on without TLS", reply=reply)
+            return protocol
+        try:
+            protocol.start_tls(_tls_options(self._settings))
+            await self._hello()
+        except Exception:
+            if self._settings.tls is UpstreamTLS.REQUIRED or self.closed:
+                raise
+            # The handshake failed and took the connection with it: a new one,
+            # in plain text, as Postfix does at its "may" level.
+            log.info("TLS with the next hop failed; reconnecting without TLS")
+            self._abort(protocol)
+            return await self._open(starttls=False)
+        return protocol
 
     async def _hello(self) -> None:
         assert self._protocol is not None
@@ -186,23 +263,37 @@ class UpstreamSession:
             self._drop()
             return reply
 
+        if self.closed:
+            steps.close()
+            return defer.succeed(replies.UPSTREAM_UNAVAILABLE)
         return Deferred.fromCoroutine(steps).addErrback(failed)
+
+    # -- IRelaySession --------------------------------------------------------------
 
     def mail(self, envelope: Envelope) -> Deferred[Reply]:
         async def steps() -> Reply:
-            if await self._connect():
+            if await self._ensure_connection():
                 try:
                     return await self._mail(envelope)
                 except (error.ConnectionDone, error.ConnectionLost):
                     # The next hop closed the kept connection meanwhile: once
                     # more, on a new one.
                     self._drop()
-                    await self._connect()
+                    await self._ensure_connection()
             return await self._mail(envelope)
 
         return self._run(steps())
 
     async def _mail(self, envelope: Envelope) -> Reply:
+        assert self._protocol is not None
+        if not self._protocol.idle:
+            await self._protocol.when_idle()
+        if self.state is HopState.IN_TRANSACTION:
+            # The last transaction ended without a RSET (its DATA was refused,
+            # say): end it, or the next hop answers "nested MAIL".
+            await self._reset()
+        if self.state is not HopState.READY:
+            raise IllegalTransition(f"MAIL in state {self.state.value}")
         if not envelope.sender.isascii() and "SMTPUTF8" not in self.extensions:
             return replies.NEXT_HOP_NO_SMTPUTF8
         if envelope.parameters.body is BodyType.BINARYMIME and not {"BINARYMIME", "CHUNKING"} <= self.extensions.keys():
@@ -225,13 +316,13 @@ class UpstreamSession:
             if refused.code != 250:
                 log.warn("next hop refused XFORWARD: {reply}", reply=refused)
         reply = await mail
-        self._in_transaction = reply.code == 250
+        if reply.code == 250:
+            self._enter(HopState.IN_TRANSACTION)
         return reply
 
     def rcpt(self, recipient: Recipient) -> Deferred[Reply]:
         async def steps() -> Reply:
-            if self._protocol is None or not self._protocol.connected_:
-                raise _Failed(replies.UPSTREAM_UNAVAILABLE)
+            self._require(HopState.IN_TRANSACTION)
             if not recipient.address.isascii() and "SMTPUTF8" not in self.extensions:
                 return replies.NEXT_HOP_NO_SMTPUTF8
             return await self._command("RCPT " + rcpt_arguments(recipient, self.extensions))
@@ -240,47 +331,117 @@ class UpstreamSession:
 
     def data(self, message: Message, prefix: bytes) -> Deferred[Reply]:
         async def steps() -> Reply:
-            if self._protocol is None or not self._protocol.connected_:
-                raise _Failed(replies.UPSTREAM_UNAVAILABLE)
+            protocol = self._require(HopState.IN_TRANSACTION)
             if "8BITMIME" not in self.extensions and not (prefix.isascii() and message.isascii()):
-                await self._command("RSET")
-                self._in_transaction = False
+                await self._reset()
                 return replies.NEXT_HOP_NO_8BITMIME
             if "CHUNKING" in self.extensions:
                 # One round trip, and the bytes go as they are.
                 size = len(prefix) + message.size
-                sent, final = self._protocol.send_chunk(size, _with_prefix(prefix, message))
+                self._enter(HopState.STREAMING)
+                sent, final = protocol.send_chunk(size, _with_prefix(prefix, message))
             else:
                 reply = await self._command("DATA")
                 if reply.code != 354:
-                    self._in_transaction = False
+                    # Still in the transaction at the next hop: the next MAIL or
+                    # the end of the session sends RSET.
                     return self._relayed(reply, replies.UPSTREAM_PROTOCOL)
-                sent, final = self._protocol.send_data(_with_prefix(prefix, message))
+                if self.closed:
+                    # The client left while DATA was answered: nothing is sent.
+                    raise _Failed(replies.UPSTREAM_UNAVAILABLE)
+                self._enter(HopState.STREAMING)
+                sent, final = protocol.send_data(_with_prefix(prefix, message))
             final = self._timed(final)
             # If sending stops half-way (spool unreadable, connection gone), the
             # next hop must not keep a partial message: drop the connection, which
             # also fails ``final``.
-            sent.addErrback(self._abandon_data)
+            sent.addCallbacks(self._end_of_data_written, self._abandon_data)
             reply = await final
-            self._in_transaction = False
+            if self.state is HopState.STREAMING:
+                # A reply before the producer saw its end: a refusal may have come
+                # early, while the next hop still reads, so that connection goes.
+                if not reply.positive:
+                    self._drop()
+                    return self._relayed(reply, replies.UPSTREAM_PROTOCOL)
+                self._enter(HopState.AWAITING_REPLY)
+            self._enter(HopState.READY)
+            if self.closed:
+                log.info("next hop answered {code} for a client that has left", code=reply.code)
+                self._release()
             return reply
 
         return self._run(steps())
 
     def reset(self) -> Deferred[None]:
-        if not self._in_transaction or self._protocol is None or not self._protocol.connected_:
+        if self.state is not HopState.IN_TRANSACTION or self.closed:
             return defer.succeed(None)
-        self._in_transaction = False
-        return self._run(_reset(self)).addCallback(lambda _: None)
+        return self._run(self._reset_steps()).addCallback(lambda _: None)
+
+    async def _reset_steps(self) -> Reply:
+        await self._reset()
+        return replies.RESET_OK
+
+    async def _reset(self) -> None:
+        reply = await self._command("RSET")
+        if reply.code != 250:
+            raise _Failed(self._relayed(reply, replies.UPSTREAM_PROTOCOL))
+        self._enter(HopState.READY)
 
     def close(self) -> None:
-        protocol, self._protocol = self._protocol, None
-        if protocol is None or not protocol.connected_:
+        """The client session is over (see the class docstring)."""
+        if self.closed:
             return
-        if self._pool is not None and not self._in_transaction:
-            self._pool.give(protocol)
-        else:
-            _quit(protocol)
+        self.closed = True
+        if self.state is HopState.IDLE:
+            return
+        if self.state in (HopState.CONNECTING, HopState.STREAMING):
+            if self._connecting is not None:
+                self._connecting.cancel()
+            self._drop()
+        elif self.state is not HopState.AWAITING_REPLY:
+            self._release()
+        # AWAITING_REPLY: data() releases the connection once the reply is in.
+
+    # -- releasing ------------------------------------------------------------------
+
+    def _require(self, state: HopState) -> SMTPClientProtocol:
+        if self._protocol is None or not self._protocol.connected_:
+            raise _Failed(replies.UPSTREAM_UNAVAILABLE)
+        if self.state is not state:
+            raise IllegalTransition(f"expected {state.value}, in {self.state.value}")
+        return self._protocol
+
+    def _end_of_data_written(self, _: object) -> None:
+        if self.state is HopState.STREAMING:
+            self._enter(HopState.AWAITING_REPLY)
+
+    def _release(self) -> None:
+        """Once every outstanding reply is in: end a transaction still open, then
+        keep the connection for another session or say QUIT."""
+        protocol = self._protocol
+        if protocol is None:
+            return
+
+        async def settle() -> None:
+            await protocol.when_idle()
+            if self.state is HopState.IN_TRANSACTION and self._pool is not None:
+                await self._reset()  # to be kept; QUIT alone ends it otherwise
+            if self._protocol is not protocol:
+                return  # dropped meanwhile
+            kept = self.state is HopState.READY and self._pool is not None
+            self._protocol = None
+            self.state = HopState.IDLE
+            if kept:
+                assert self._pool is not None
+                self._pool.give(protocol)
+            else:
+                _quit(protocol)
+
+        def failed(failure: Failure) -> None:
+            log.info("next hop connection dropped on release: {why}", why=failure.getErrorMessage())
+            self._drop()
+
+        Deferred.fromCoroutine(settle()).addErrback(failed)
 
     def _abandon_data(self, failure: Failure) -> None:
         log.warn("sending to the next hop stopped: {why}", why=failure.getErrorMessage())
@@ -288,12 +449,20 @@ class UpstreamSession:
 
     def _drop(self) -> None:
         protocol, self._protocol = self._protocol, None
-        self._in_transaction = False
-        if protocol is not None and protocol.transport is not None:
+        self.state = HopState.IDLE
+        if protocol is not None:
+            self._abort(protocol)
+
+    @staticmethod
+    def _abort(protocol: SMTPClientProtocol) -> None:
+        protocol.set_up = False
+        if protocol.transport is not None:
             protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 def _quit(protocol: SMTPClientProtocol) -> None:
+    """Say QUIT on an idle connection and close it."""
+    protocol.set_up = False
     protocol.command("QUIT").addErrback(lambda _: None)
     protocol.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -302,7 +471,8 @@ class KeptConnections:
     """Next-hop connections kept open between client sessions, as Postfix's
     connection cache does: a new client session skips the connect, greeting,
     EHLO (and STARTTLS) of its own.  At most ``size`` are kept, each for at most
-    ``idle_time`` seconds."""
+    ``idle_time`` seconds; only set-up, idle connections are taken in, and one is
+    handed out only if it still is and its TLS state is what the settings ask."""
 
     def __init__(self, reactor: IReactorTime, size: int, idle_time: float) -> None:
         self._reactor = reactor
@@ -313,15 +483,19 @@ class KeptConnections:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def take(self) -> SMTPClientProtocol | None:
+    def take(self, settings: UpstreamSettings) -> SMTPClientProtocol | None:
         while self._kept:
             protocol, expiry = self._kept.pop()
             expiry.cancel()
-            if protocol.connected_:
+            if _reusable(protocol) and (protocol.tls or settings.tls is not UpstreamTLS.REQUIRED):
                 return protocol
+            _close_unused(protocol)
         return None
 
     def give(self, protocol: SMTPClientProtocol) -> None:
+        if not _reusable(protocol):
+            _close_unused(protocol)
+            return
         if len(self._kept) >= self._size:
             _quit(protocol)
             return
@@ -330,25 +504,30 @@ class KeptConnections:
 
     def _expire(self, protocol: SMTPClientProtocol) -> None:
         self._kept = [(kept, expiry) for kept, expiry in self._kept if kept is not protocol]
-        if protocol.connected_:
-            _quit(protocol)
+        _close_unused(protocol)
 
     def close(self) -> None:
         kept, self._kept = self._kept, []
         for protocol, expiry in kept:
             expiry.cancel()
-            if protocol.connected_:
-                _quit(protocol)
-
-
-async def _reset(session: UpstreamSession) -> Reply:
-    return await session._command("RSET")
+            _close_unused(protocol)
 
 
 def _with_prefix(prefix: bytes, message: Message) -> Iterator[bytes]:
     if prefix:
         yield prefix
     yield from message.chunks()
+
+
+def _reusable(protocol: SMTPClientProtocol) -> bool:
+    return protocol.set_up and protocol.idle
+
+
+def _close_unused(protocol: SMTPClientProtocol) -> None:
+    if protocol.idle:
+        _quit(protocol)
+    elif protocol.transport is not None and protocol.connected_:
+        protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 @implementer(INextHop)

@@ -338,6 +338,7 @@ class FakeEndpoint:
         self.hang = hang
         self.protocols: list[SMTPClientProtocol] = []
         self.transports: list[StringTransport] = []
+        self.transport_class = StringTransport
 
     def connect(self, factory):
         if self.failure is not None:
@@ -345,7 +346,7 @@ class FakeEndpoint:
         if self.hang:
             return Deferred()
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 10026))
-        transport = StringTransport()
+        transport = self.transport_class()
         protocol.makeConnection(transport)
         self.protocols.append(protocol)
         self.transports.append(transport)
@@ -702,13 +703,25 @@ def test_tls_opportunistic_without_starttls():
     assert result_of(mail) == Reply(250, "2.1.0", "Ok")
 
 
-def test_starttls_refused():
-    """STARTTLS offered but refused: 451 4.4.1."""
+def test_starttls_refused_opportunistic_goes_on_in_plain_text():
+    """tls = opportunistic and STARTTLS answered 454: MAIL goes out on the same
+    connection in plain text, as Postfix's "may" level does."""
     relay, hop, _ = session(tls=UpstreamTLS.OPPORTUNISTIC)
+    mail = relay.mail(Envelope(CLIENT, "a@example.com"))
+    greet(hop, b"250-mx.example\r\n250 STARTTLS\r\n")
+    hop.expect(b"STARTTLS\r\n", b"454 4.7.0 TLS not available\r\n")
+    hop.expect(b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n")
+    assert (result_of(mail), len(hop.endpoint.protocols)) == (Reply(250, "2.1.0", "Ok"), 1)
+
+
+def test_starttls_refused_required():
+    """tls = required and STARTTLS answered 454: 451 4.4.1, no MAIL."""
+    relay, hop, _ = session(tls=UpstreamTLS.REQUIRED)
     mail = relay.mail(ENVELOPE)
     greet(hop, b"250-mx.example\r\n250 STARTTLS\r\n")
     hop.expect(b"STARTTLS\r\n", b"454 4.7.0 TLS not available\r\n")
     assert result_of(mail) == replies.UPSTREAM_UNAVAILABLE
+    assert hop.transport.value() == b""
 
 
 def test_reset_outside_transaction_sends_nothing():
@@ -729,10 +742,10 @@ def test_close_sends_quit_and_closes():
 # -- kept connections -------------------------------------------------------------------
 
 
-def pooled(size: int = 2, keep_time: float = 5.0):
+def pooled(size: int = 2, keep_time: float = 5.0, **options):
     endpoint = FakeEndpoint()
     clock = Clock()
-    settings = UpstreamSettings("tcp:127.0.0.1:10026", hostname="guard.example", timeout=10.0)
+    settings = UpstreamSettings("tcp:127.0.0.1:10026", hostname="guard.example", timeout=10.0, **options)
     pool = KeptConnections(clock, size, keep_time)
     return (lambda: UpstreamSession(clock, endpoint, settings, pool)), NextHop(endpoint), pool, clock
 
@@ -777,15 +790,17 @@ def test_kept_connection_expires():
     assert (hop.transport.value(), hop.transport.disconnecting, len(pool)) == (b"QUIT\r\n", True, 0)
 
 
-def test_connection_in_a_transaction_is_not_kept():
-    """A session closed in the middle of a transaction quits instead of being kept."""
+def test_connection_in_a_transaction_is_reset_and_kept():
+    """A session closed in the middle of a transaction ends it with RSET and,
+    once the next hop said 250, keeps the connection."""
     new_session, hop, pool, _ = pooled()
     relay = new_session()
     relay.mail(Envelope(CLIENT, "a@example.com"))
     greet(hop, EHLO_PLAIN)
     hop.expect(b"MAIL FROM:<a@example.com>\r\n", b"250 2.1.0 Ok\r\n")
     relay.close()
-    assert (hop.transport.value(), len(pool)) == (b"QUIT\r\n", 0)
+    hop.expect(b"RSET\r\n", b"250 2.0.0 Ok\r\n")
+    assert (hop.transport.value(), len(pool)) == (b"", 1)
 
 
 def test_kept_connection_closed_by_the_next_hop_is_replaced():
