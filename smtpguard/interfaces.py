@@ -9,7 +9,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from smtpguard.envelope import Envelope
+    from smtpguard.envelope import Envelope, Recipient
     from smtpguard.incident import Incident
     from smtpguard.results import Decision, ScanResult
     from smtpguard.spool import Message
@@ -33,6 +33,21 @@ class IPolicy(Interface):
 
     def decide(envelope: Envelope, result: ScanResult) -> Decision:
         """@return: the L{Decision} for this message; never raises."""
+
+
+class IRecipientPolicy(IPolicy):
+    """A policy whose decision can depend on the recipient (policy banks chosen by
+    recipient domain): asked at each RCPT, so that no transaction carries
+    recipients it would decide for differently."""
+
+    def accepts(envelope: Envelope, recipient: Recipient) -> bool:
+        """Whether ``recipient`` may join ``envelope``'s transaction: True when
+        L{decide} decides for it as for ``envelope.recipients`` (always True
+        while there are none).  Pure and synchronous; never raises.
+
+        A recipient refused here hears ``452 4.5.3`` and is sent again by the
+        client in a transaction of its own.
+        """
 
 
 class INotifier(Interface):

@@ -12,9 +12,9 @@ from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
 from smtpguard import replies, rewrite, templates
-from smtpguard.envelope import Envelope
+from smtpguard.envelope import Envelope, Recipient
 from smtpguard.incident import Incident
-from smtpguard.interfaces import INotifier, IPolicy, IQuarantine, IRelaySession, IScanner
+from smtpguard.interfaces import INotifier, IPolicy, IQuarantine, IRecipientPolicy, IRelaySession, IScanner
 from smtpguard.replies import Reply
 from smtpguard.results import Action, Decision, ScanResult
 from smtpguard.scanners.deadline import scan_safely, with_deadline
@@ -61,12 +61,23 @@ class Pipeline:
     ) -> None:
         verifyObject(IScanner, scanner)
         verifyObject(IPolicy, policy)
+        self._recipient_policy: IRecipientPolicy | None = IRecipientPolicy(policy, None)
+        if self._recipient_policy is not None:
+            verifyObject(IRecipientPolicy, self._recipient_policy)
         self._reactor = reactor
         self._scanner = scanner
         self._policy = policy
         self._scan_timeout = scan_timeout
         self._quarantine = quarantine
         self._notifier = notifier
+
+    def accepts(self, envelope: Envelope, recipient: Recipient) -> bool:
+        """Whether ``recipient`` may join ``envelope``'s transaction (give this to
+        L{smtpguard.server.GuardFactory}): the policy's answer when it decides per
+        recipient (L{IRecipientPolicy}); any other policy takes every recipient."""
+        if self._recipient_policy is None:
+            return True
+        return self._recipient_policy.accepts(envelope, recipient)
 
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
         scanning = scan_safely(self._scanner, message, envelope)

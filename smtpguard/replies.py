@@ -91,6 +91,7 @@ UPSTREAM_PROTOCOL = Reply(451, "4.5.0", "Next hop protocol error, try again late
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 SCAN_DEFERRED = Reply(451, "4.7.1", "Message could not be scanned, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+SEPARATE_TRANSACTION = Reply(452, "4.5.3", "Recipient needs a separate transaction")
 SPOOL_UNAVAILABLE = Reply(452, "4.3.1", "Insufficient system storage")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 

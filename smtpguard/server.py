@@ -22,7 +22,7 @@ from zope.interface.verify import verifyObject
 
 from smtpguard import replies
 from smtpguard.access import AccessRules, ClientCounters
-from smtpguard.envelope import BodyType, Client, Envelope, EnvelopeError, parse_mail, parse_rcpt
+from smtpguard.envelope import BodyType, Client, Envelope, EnvelopeError, Recipient, parse_mail, parse_rcpt
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
 from smtpguard.spool import Message, Spool, SpoolFull
@@ -55,6 +55,13 @@ class ServerSettings:
 
 # end of data -> (envelope, message, relay, transaction id) -> reply
 Processor = Callable[[Envelope, Message, IRelaySession, str], Deferred[Reply]]
+# (envelope, recipient) -> whether the recipient may join the envelope's transaction
+RecipientCheck = Callable[[Envelope, Recipient], bool]
+
+
+def _every_recipient(envelope: Envelope, recipient: Recipient) -> bool:
+    """A policy that decides once per message takes any recipient."""
+    return True
 
 
 class ESMTPServer(Protocol):
@@ -346,6 +353,11 @@ class ESMTPServer(Protocol):
             recipient = parse_rcpt(argument, self._envelope.parameters.smtputf8)
         except EnvelopeError as error:
             return error.reply
+        if not self.factory.accepts(self._envelope, recipient):
+            # The policy would decide otherwise for this recipient than for the
+            # others: refused before the next hop hears of it, the client sends
+            # it again in a transaction of its own (RFC 5321 4.5.3.1.10).
+            return replies.SEPARATE_TRANSACTION
 
         def added(reply: Reply) -> Reply:
             if reply.positive and self._envelope is not None:
@@ -550,18 +562,26 @@ class GuardFactory(Factory):
 
     ``next_hop`` is where accepted mail goes (an L{INextHop}, usually
     L{smtpguard.upstream.Upstream}); ``process`` handles each message at its end
-    of data (usually L{smtpguard.pipeline.Pipeline.process}).
+    of data (usually L{smtpguard.pipeline.Pipeline.process}); ``accepts`` says
+    whether a RCPT may join its transaction (usually
+    L{smtpguard.pipeline.Pipeline.accepts}).
     """
 
     protocol = ESMTPServer  # type: ignore[assignment]
 
     def __init__(
-        self, reactor: Any, next_hop: INextHop, process: Processor, settings: ServerSettings = ServerSettings()
+        self,
+        reactor: Any,
+        next_hop: INextHop,
+        process: Processor,
+        settings: ServerSettings = ServerSettings(),
+        accepts: RecipientCheck = _every_recipient,
     ) -> None:
         verifyObject(INextHop, next_hop)
         self.reactor = reactor
         self.next_hop = next_hop
         self.process = process
+        self.accepts = accepts
         self.settings = settings
         self.connections = 0
         self.sessions: set[ESMTPServer] = set()

@@ -154,7 +154,7 @@ def build_factory(
     if spool is not None and not (os.path.isdir(spool) and os.access(spool, os.W_OK | os.X_OK)):
         raise ConfigError(f"{config.source}: server.spool_directory: {spool!r} is not a writable directory")
     settings = attrs.evolve(config.server, tls=server_tls(config), access=listener.access)
-    return GuardFactory(reactor, shared.upstream, pipeline.process, settings)
+    return GuardFactory(reactor, shared.upstream, pipeline.process, settings, pipeline.accepts)
 
 
 def _any_setting(policy: IPolicy, *flags: str) -> bool:

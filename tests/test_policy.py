@@ -3,6 +3,7 @@ flags, policy banks, and the [policy] table."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 
 import attrs
@@ -12,7 +13,7 @@ from zope.interface.verify import verifyObject
 from smtpguard import replies, templates
 from smtpguard.config import ConfigError
 from smtpguard.envelope import Client, Envelope, Recipient
-from smtpguard.interfaces import IPolicy
+from smtpguard.interfaces import IPolicy, IRecipientPolicy
 from smtpguard.policies.default import DefaultPolicy, OnError, OnVirus, PolicySettings, Rule
 from smtpguard.policies.options import build_policy
 from smtpguard.results import Action, Decision, ErrorKind, Notice, ScanResult, Threat
@@ -148,8 +149,6 @@ def test_rule_by_recipient_domain():
 
 def test_rule_by_sender_and_network_needs_both():
     """A rule with several criteria applies only when all of them match; the first matching rule wins."""
-    import ipaddress
-
     both = Rule(
         settings(on_virus=OnVirus.PASS),
         senders=("*@example.com",),
@@ -213,3 +212,110 @@ def test_threat_names_are_given_once():
     decision = DefaultPolicy().decide(ENVELOPE, twice)
     assert decision.reason == "virus Eicar-Test-Signature"
     assert decision.reply == replies.VIRUS_REJECTED.with_text("Message rejected: virus found (Eicar-Test-Signature)")
+
+
+# -- one bank per transaction -------------------------------------------------------------
+
+LAB = Rule(settings(on_virus=OnVirus.PASS), recipient_domains=("lab.example",))
+PARTNER = Rule(settings(on_virus=OnVirus.DISCARD), recipient_domains=("partner.example",))
+BANKS = DefaultPolicy(settings(), [LAB, PARTNER])
+ADDRESSES = ["a@lab.example", "b@Mail.LAB.Example", "c@partner.example", "d@corp.example", "e@notlab.example"]
+
+
+def to(*addresses: str, sender: str = ENVELOPE.sender) -> Envelope:
+    """ENVELOPE with ``sender`` and these accepted recipients."""
+    return attrs.evolve(ENVELOPE, sender=sender, recipients=tuple(Recipient(address) for address in addresses))
+
+
+def test_default_policy_provides_irecipientpolicy():
+    """DefaultPolicy is asked at each RCPT: it provides IRecipientPolicy."""
+    assert verifyObject(IRecipientPolicy, DefaultPolicy())
+
+
+@pytest.mark.parametrize("address", ADDRESSES)
+def test_first_recipient_is_always_accepted(address):
+    """The first recipient of a transaction sets its bank: whichever bank that is, it is accepted."""
+    assert BANKS.accepts(to(), Recipient(address)) is True
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "accepted"),
+    [
+        ("a@lab.example", "b@lab.example", True),  # the same bank
+        ("a@lab.example", "b@Mail.LAB.Example", True),  # the same bank: a subdomain, in any case
+        ("a@lab.example", "c@partner.example", False),  # another bank
+        ("a@lab.example", "d@corp.example", False),  # no bank: [policy] itself
+        ("a@lab.example", "e@notlab.example", False),  # no bank: only a dot makes a subdomain
+        ("d@corp.example", "a@lab.example", False),  # [policy] first, a bank second
+        ("d@corp.example", "e@notlab.example", True),  # [policy] both
+        ("c@partner.example", "c2@PARTNER.example", True),
+    ],
+)
+def test_second_recipient_joins_only_the_bank_of_the_first(first, second, accepted):
+    """A recipient may join a transaction only when it selects the bank of the recipient already accepted."""
+    assert BANKS.accepts(to(first), Recipient(second)) is accepted
+
+
+@pytest.mark.parametrize("first", ADDRESSES)
+@pytest.mark.parametrize("second", ADDRESSES)
+def test_accepted_recipients_are_decided_alike(first, second):
+    """A recipient is accepted exactly when the decision for it alone equals the decision for
+    the first alone, and then the message to both is decided that way too."""
+    alone = BANKS.decide(to(first), INFECTED)
+    accepted = BANKS.accepts(to(first), Recipient(second))
+    assert accepted is (BANKS.decide(to(second), INFECTED) == alone)
+    if accepted:
+        assert BANKS.decide(to(first, second), INFECTED) == alone
+
+
+def test_bank_of_the_recipients_already_accepted_holds():
+    """With several recipients accepted, a further one must share their bank."""
+    envelope = to("a@lab.example", "b@Mail.LAB.Example")
+    assert BANKS.accepts(envelope, Recipient("x@lab.example")) is True
+    assert BANKS.accepts(envelope, Recipient("d@corp.example")) is False
+
+
+@pytest.mark.parametrize(
+    ("sender", "accepted"),
+    [("alice@monitoring.example", True), ("alice@example.com", False)],
+)
+def test_sender_bank_takes_every_recipient(sender, accepted):
+    """A bank chosen by sender alone holds for every recipient of the transaction (the sender is
+    the transaction's own); for another sender the recipient banks behind it split as usual."""
+    monitoring = Rule(settings(on_virus=OnVirus.DISCARD), senders=("*@monitoring.example",))
+    policy = DefaultPolicy(settings(), [monitoring, LAB])
+    assert policy.accepts(to("a@lab.example", sender=sender), Recipient("d@corp.example")) is accepted
+
+
+@pytest.mark.parametrize(
+    ("client", "accepted"),
+    [("192.0.2.7", False), ("203.0.113.9", True)],
+)
+def test_bank_by_recipient_and_network_splits_only_for_that_network(client, accepted):
+    """A bank with a recipient domain and a client network splits recipients only for a client
+    in that network; from elsewhere every recipient has the [policy] settings."""
+    lab_from_here = attrs.evolve(LAB, client_networks=(ipaddress.ip_network("192.0.2.0/24"),))
+    policy = DefaultPolicy(settings(), [lab_from_here])
+    envelope = attrs.evolve(to("a@lab.example"), client=attrs.evolve(CLIENT, address=client))
+    assert policy.accepts(envelope, Recipient("d@corp.example")) is accepted
+
+
+@pytest.mark.parametrize(("order", "accepted"), [("parent first", True), ("subdomain first", False)])
+def test_first_matching_bank_is_the_recipients_bank(order, accepted):
+    """When two banks match a recipient, the first listed is its bank: a subdomain listed after
+    its parent domain's bank belongs to the parent's."""
+    parent = Rule(settings(on_virus=OnVirus.PASS), recipient_domains=("example.net",))
+    child = Rule(settings(on_virus=OnVirus.DISCARD), recipient_domains=("lab.example.net",))
+    policy = DefaultPolicy(settings(), [parent, child] if order == "parent first" else [child, parent])
+    assert policy.accepts(to("a@example.net"), Recipient("b@lab.example.net")) is accepted
+
+
+def test_banks_with_equal_settings_share_a_transaction():
+    """Two banks (or a bank and [policy]) with equal settings decide alike: their recipients
+    share a transaction."""
+    lab = Rule(settings(on_virus=OnVirus.PASS), recipient_domains=("lab.example",))
+    partner = Rule(settings(on_virus=OnVirus.PASS), recipient_domains=("partner.example",))
+    same_as_default = Rule(settings(), recipient_domains=("corp.example",))
+    policy = DefaultPolicy(settings(), [lab, partner, same_as_default])
+    assert policy.accepts(to("a@lab.example"), Recipient("c@partner.example")) is True
+    assert policy.accepts(to("d@corp.example"), Recipient("x@elsewhere.example")) is True

@@ -16,8 +16,8 @@ import attrs
 from zope.interface import implementer
 
 from smtpguard import replies, templates
-from smtpguard.envelope import Envelope
-from smtpguard.interfaces import IPolicy
+from smtpguard.envelope import Envelope, Recipient
+from smtpguard.interfaces import IRecipientPolicy
 from smtpguard.results import Action, Decision, ErrorKind, Notice, ScanResult, Verdict
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -66,8 +66,10 @@ class Rule:
     """A policy bank: when every given criterion matches, ``settings`` apply.
 
     ``recipient_domains`` matches when any recipient is in one of the domains
-    (or their subdomains); ``senders`` are shell patterns on the sender address;
-    ``client_networks`` hold the client's address.
+    (or their subdomains); with L{DefaultPolicy.accepts} asked at each RCPT, the
+    rule chosen has the settings of every recipient's own bank.  ``senders`` are
+    shell patterns on the sender address; ``client_networks`` hold the client's
+    address.
     """
 
     settings: PolicySettings
@@ -102,9 +104,13 @@ def _names(result: ScanResult) -> str:
     return ", ".join(dict.fromkeys(threat.name for threat in result.threats))
 
 
-@implementer(IPolicy)
+@implementer(IRecipientPolicy)
 class DefaultPolicy:
-    """Decides by ``settings``, or by the first of ``rules`` that matches."""
+    """Decides by ``settings``, or by the first of ``rules`` that matches.
+
+    A transaction carries one bank: a recipient whose bank differs from that of
+    the recipients already accepted is refused (see L{accepts}).
+    """
 
     def __init__(self, settings: PolicySettings = PolicySettings(), rules: Sequence[Rule] = ()) -> None:
         self.settings = settings
@@ -115,6 +121,20 @@ class DefaultPolicy:
             if rule.matches(envelope):
                 return rule.settings
         return self.settings
+
+    def accepts(self, envelope: Envelope, recipient: Recipient) -> bool:
+        """Whether ``recipient`` gets the settings of ``envelope``'s recipients.
+
+        The sender and the client are the transaction's own, so only the
+        recipient criteria can set two recipients apart.  Two banks with equal
+        settings decide alike, so their recipients may share a transaction.
+        """
+        if not envelope.recipients:
+            return True
+        return self._bank(envelope, recipient) == self._bank(envelope, envelope.recipients[0])
+
+    def _bank(self, envelope: Envelope, recipient: Recipient) -> PolicySettings:
+        return self.settings_for(attrs.evolve(envelope, recipients=(recipient,)))
 
     def decide(self, envelope: Envelope, result: ScanResult) -> Decision:
         settings = self.settings_for(envelope)
