@@ -117,6 +117,11 @@ class UpstreamSession:
     def extensions(self) -> dict[str, str]:
         return self._protocol.extensions if self._protocol else {}
 
+    @property
+    def remote_mta(self) -> str | None:  # Remote-MTA of a relayed DSN: the next hop's address
+        transport = self._protocol.transport if self._protocol is not None else None
+        return getattr(transport.getPeer(), "host", None) if transport is not None else None
+
     def _command(self, line: str, timeout: float | None = None) -> Deferred[Reply]:
         assert self._protocol is not None
         return self._timed(self._protocol.command(line), timeout)
