@@ -122,7 +122,12 @@ def orcpt_for_next_hop(orcpt: str, smtputf8: bool) -> str:
     says, to the utf-8 type in its 7-bit utf-8-addr-xtext form."""
     if smtputf8 or orcpt.isascii():
         return orcpt
-    return "utf-8;" + encode_utf8_addr(original_address(orcpt))
+    try:
+        address = original_address(orcpt)
+    except XtextError:
+        # Not from parse_orcpt (an old quarantine record): its characters as they are.
+        address = orcpt.partition(";")[2]
+    return "utf-8;" + encode_utf8_addr(address)
 
 
 def original_address(orcpt: str) -> str:

@@ -89,3 +89,9 @@ def test_decode_keeps_raw_utf8_only_when_asked():
     assert xtext.decode("j\u00f6rg+2B1", utf8=True) == "jörg+1"
     with pytest.raises(xtext.XtextError):
         xtext.decode("j\u00f6rg+2B1")
+
+
+def test_orcpt_for_next_hop_of_a_value_stored_unchecked():
+    """A value stored before ORCPT was checked (an old quarantine record) still
+    goes to a next hop without SMTPUTF8 as ASCII."""
+    assert xtext.orcpt_for_next_hop("utf-8;jörg\\x{zz}", smtputf8=False) == "utf-8;j\\x{F6}rg\\x{5C}x{zz}"
