@@ -13,7 +13,7 @@ from enum import Enum
 
 import attrs
 
-from smtpguard import replies
+from smtpguard import replies, xtext
 from smtpguard.replies import Reply
 
 
@@ -107,7 +107,6 @@ _DOMAIN = re.compile(
     r"(?:\.[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?)*"
     r"|\[[^\[\]\\]+\])$"
 )
-_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 _ESMTP_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _MAX_PATH = 256
 
@@ -137,21 +136,13 @@ def parse_parameters(text: str | None) -> dict[str, str | None]:
 
 def decode_xtext(value: str) -> str:
     """RFC 3461 xtext: ``+XX`` hex escapes."""
-    if not _XTEXT.match(value):
-        raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Malformed xtext"))
-    raw = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value.encode("ascii"))
-    return raw.decode("utf-8", "surrogateescape")
+    try:
+        return xtext.decode(value)
+    except xtext.XtextError:
+        raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Malformed xtext")) from None
 
 
-def encode_xtext(value: str) -> str:
-    """RFC 3461 xtext of ``value``; the inverse of :func:`decode_xtext`."""
-    encoded = []
-    for char in value:
-        if "\x21" <= char <= "\x7e" and char not in "+=":
-            encoded.append(char)
-        else:
-            encoded.extend(f"+{octet:02X}" for octet in char.encode("utf-8", "surrogateescape"))
-    return "".join(encoded)
+encode_xtext = xtext.encode
 
 
 def _is_ascii(text: str) -> bool:
@@ -219,7 +210,7 @@ def parse_rcpt(argument: str, smtputf8: bool) -> Recipient:
         if key == "NOTIFY":
             notify = _parse_notify(value)
         elif key == "ORCPT":
-            orcpt = _parse_orcpt(value)
+            orcpt = _parse_orcpt(value, smtputf8)
         else:
             raise EnvelopeError(replies.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}"))
     return Recipient(address, RecipientParameters(notify=notify, orcpt=orcpt))
@@ -238,16 +229,15 @@ def _parse_notify(value: str | None) -> frozenset[Notify]:
     return frozenset(parsed)
 
 
-def _parse_orcpt(value: str | None) -> str:
-    """Keep ORCPT as ``addr-type;xtext``, validated (RFC 3461 section 4.2)."""
-    addr_type, semicolon, address = (value or "").partition(";")
-    if not semicolon or not _ESMTP_KEYWORD.match(addr_type) or not address or len(value or "") > 500:
-        raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad ORCPT parameter"))
-    if addr_type.upper() == "UTF-8":
-        # RFC 6533 utf-8-addr-xtext: \x{HEX} escapes, checked loosely.
-        return f"{addr_type};{address}"
-    decode_xtext(address)
-    return f"{addr_type};{address}"
+def _parse_orcpt(value: str | None, smtputf8: bool) -> str:
+    """ORCPT as received (``addr-type;address``), once it is what RFC 3461 section
+    4.2 and RFC 6533 section 3 allow: see :func:`smtpguard.xtext.parse_orcpt`."""
+    try:
+        return xtext.parse_orcpt(value or "", smtputf8)
+    except xtext.NeedsSMTPUTF8:
+        raise EnvelopeError(replies.ORCPT_NEEDS_SMTPUTF8) from None
+    except xtext.XtextError:
+        raise EnvelopeError(replies.BAD_ORCPT) from None
 
 
 def mail_arguments(
@@ -280,5 +270,33 @@ def rcpt_arguments(recipient: Recipient, extensions: Mapping[str, str]) -> str:
             order = [n.value for n in Notify if n in notify]
             words.append("NOTIFY=" + (",".join(order) if order else "NEVER"))
         if recipient.parameters.orcpt is not None:
-            words.append(f"ORCPT={recipient.parameters.orcpt}")
+            orcpt = xtext.orcpt_for_next_hop(recipient.parameters.orcpt, smtputf8="SMTPUTF8" in extensions)
+            words.append(f"ORCPT={orcpt}")
     return " ".join(words)
+
+
+def relayed_dsn_recipients(envelope: Envelope, extensions: Mapping[str, str]) -> tuple[Recipient, ...]:
+    """The recipients owed a "relayed" DSN once a next hop advertising
+    ``extensions`` has taken the message (RFC 3461 sections 4.1 and 5.2.2): none
+    when it offers DSN (it reports itself) or for the null sender; otherwise
+    those whose NOTIFY names SUCCESS (NOTIFY=NEVER and an absent NOTIFY ask for
+    no success report)."""
+    if "DSN" in extensions or envelope.sender == "":
+        return ()
+    return tuple(
+        recipient
+        for recipient in envelope.recipients
+        if recipient.parameters.notify is not None and Notify.SUCCESS in recipient.parameters.notify
+    )
+
+
+def downgrade_refusal(envelope: Envelope, header_section: bytes, extensions: Mapping[str, str]) -> Reply | None:
+    """Why a message cannot go to a next hop advertising ``extensions``, or None.
+
+    RFC 6531 section 3.2: an SMTPUTF8 transaction whose header section is not
+    ASCII needs a next hop that offers SMTPUTF8; there is no silent downgrade.
+    (Its envelope addresses were checked at MAIL and RCPT; an all-ASCII one goes
+    on without the SMTPUTF8 parameter.)"""
+    if envelope.parameters.smtputf8 and "SMTPUTF8" not in extensions and not header_section.isascii():
+        return replies.NEXT_HOP_NO_SMTPUTF8_MESSAGE
+    return None

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from smtpguard.envelope import Envelope, Recipient
-    from smtpguard.incident import Incident
+    from smtpguard.incident import Incident, Relayed
     from smtpguard.results import Decision, ScanResult
     from smtpguard.spool import Message
 
@@ -63,6 +63,19 @@ class INotifier(Interface):
         """
 
 
+class IRelayedNotifier(INotifier):
+    """A notifier that also sends the "relayed" delivery status notifications
+    of RFC 3461 section 4.1."""
+
+    def relayed(incident: Incident, relayed: Relayed) -> Deferred[None]:
+        """Tell ``incident``'s sender that its message went to a next hop that
+        reports no delivery, for the recipients in ``relayed`` (an L{Relayed}).
+
+        @return: a Deferred firing with None once the notice is safely queued;
+            it never fails.
+        """
+
+
 class IQuarantine(Interface):
     """Keeps copies of messages."""
 
@@ -106,6 +119,12 @@ class IRelaySession(Interface):
     """One client session's conversation with the next hop.
 
     Every method fires with the L{Reply} the client should see; none fails.
+
+    Optional attributes, read when present: ``extensions``, the next hop's EHLO
+    keywords (upper case) mapped to their parameters, known once ``mail`` has
+    answered (without it smtpguard assumes the next hop takes DSN and SMTPUTF8
+    as they come); ``remote_mta``, the next hop's host name or address for the
+    Remote-MTA field of a "relayed" DSN (None when it has none).
     """
 
     def mail(envelope: Envelope) -> Deferred[Any]:

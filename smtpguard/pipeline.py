@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -12,9 +13,17 @@ from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
 from smtpguard import replies, rewrite, templates
-from smtpguard.envelope import Envelope, Recipient
-from smtpguard.incident import Incident
-from smtpguard.interfaces import INotifier, IPolicy, IQuarantine, IRecipientPolicy, IRelaySession, IScanner
+from smtpguard.envelope import Envelope, Recipient, downgrade_refusal, relayed_dsn_recipients
+from smtpguard.incident import Incident, Relayed
+from smtpguard.interfaces import (
+    INotifier,
+    IPolicy,
+    IQuarantine,
+    IRecipientPolicy,
+    IRelayedNotifier,
+    IRelaySession,
+    IScanner,
+)
 from smtpguard.replies import Reply
 from smtpguard.results import Action, Decision, ScanResult
 from smtpguard.scanners.deadline import scan_safely, with_deadline
@@ -43,6 +52,17 @@ def received_header(envelope: Envelope, transaction_id: str, now: float) -> byte
 def status_headers(result: ScanResult, hostname: str) -> bytes:
     scanned = f"X-Virus-Scanned: smtpguard ({result.scanner or 'none'}) on {hostname}"
     return f"{scanned}\r\nX-Virus-Status: {result.status()}\r\n".encode()
+
+
+# Assumed of a next hop whose extensions are not known: what comes goes on.
+_ANY: Mapping[str, str] = {"SMTPUTF8": "", "DSN": ""}
+
+
+def _extensions(relay: IRelaySession) -> Mapping[str, str] | None:
+    """The next hop's EHLO keywords, when the relay session tells them (the
+    optional ``extensions`` of IRelaySession)."""
+    extensions = getattr(relay, "extensions", None)
+    return extensions if isinstance(extensions, Mapping) else None
 
 
 class Pipeline:
@@ -103,11 +123,19 @@ class Pipeline:
             incident = Incident(
                 transaction_id, envelope, result, decision, section, self._reactor.seconds(), rewrite.subject(section)
             )
+            refusal = downgrade_refusal(envelope, section, _extensions(relay) or _ANY) if decision.relays else None
+            if refusal is not None:
+                # Received whole, so the refusal is for the message (RFC 6531 3.2).
+                log.warn("{id}: refused: {why}", id=transaction_id, why=refusal.text)
+                await relay.reset()
+                return refusal
             if decision.quarantine and self._quarantine is not None:
                 # Without its copy the decision cannot be carried out: the client retries.
                 await self._quarantine.store(incident, message)
             if decision.relays:
                 reply: Reply = await self._relay(incident, message, body_at, relay)
+                if reply.positive and decision.action is Action.DELIVER:
+                    self._report_relayed(incident, reply, relay)
             else:
                 await relay.reset()
                 reply = decision.reply or replies.LOCAL_ERROR
@@ -159,6 +187,28 @@ class Pipeline:
         )
         text = templates.render(template, values)
         return "".join(line + "\r\n" for line in text.splitlines())
+
+    def _report_relayed(self, incident: Incident, reply: Reply, relay: IRelaySession) -> None:
+        """Queue the "relayed" DSN owed when the next hop, which has just taken the
+        message, offers no DSN (RFC 3461 section 4.1)."""
+        extensions = _extensions(relay)
+        recipients = relayed_dsn_recipients(incident.envelope, extensions) if extensions is not None else ()
+        if not recipients:
+            return
+        notifier = IRelayedNotifier(self._notifier, None)
+        if notifier is None:
+            log.warn(
+                "{id}: next hop offers no DSN; the relayed DSN {n} recipient(s) asked for (NOTIFY=SUCCESS)"
+                " is not sent: no [notifications] configured",
+                id=incident.transaction_id,
+                n=len(recipients),
+            )
+            return
+        relayed = Relayed(recipients, reply, getattr(relay, "remote_mta", None))
+        notifying = notifier.relayed(incident, relayed)
+        notifying.addErrback(
+            lambda failure: log.failure("relayed DSN for {id} failed", failure, id=incident.transaction_id)
+        )
 
     def _notify(self, incident: Incident) -> None:
         assert self._notifier is not None

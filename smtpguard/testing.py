@@ -63,6 +63,10 @@ class MemorySession:
             return waiting
         return defer.succeed(reply)
 
+    @property
+    def extensions(self) -> dict[str, str]:
+        return self._hop.extensions
+
     def mail(self, envelope: Envelope) -> Deferred[Reply]:
         self._hop.commands.append(f"MAIL {envelope.sender}")
         reply = self._hop.mail_reply(envelope)
@@ -99,9 +103,12 @@ class MemorySession:
 class MemoryNextHop:
     """A next hop in memory: records commands and deliveries; answers with the
     replies you set.  With ``hold = True`` replies wait in :attr:`held` until you
-    fire them (to test pipelining and timing)."""
+    fire them (to test pipelining and timing).  Its sessions report
+    :attr:`extensions` as the next hop's EHLO keywords: by default those
+    smtpguard itself offers."""
 
     def __init__(self) -> None:
+        self.extensions: dict[str, str] = dict.fromkeys(("PIPELINING", "8BITMIME", "SMTPUTF8", "DSN", "CHUNKING"), "")
         self.commands: list[str] = []
         self.delivered: list[Delivery] = []
         self.mail_reply: Callable[[Envelope], Reply] = lambda envelope: replies.SENDER_OK

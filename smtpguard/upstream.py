@@ -151,10 +151,20 @@ class UpstreamSession:
         self._connecting: Deferred[Any] | None = None
         self.state = HopState.IDLE
         self.closed = False
+        self._last_extensions: dict[str, str] = {}
+        self._last_remote_mta: str | None = None
 
     @property
     def extensions(self) -> dict[str, str]:
-        return self._protocol.extensions if self._protocol else {}
+        """The EHLO extensions of the connection in use, or of the last one (the
+        pipeline asks after the reply to the end of data, when a client that left
+        has had its connection released)."""
+        return self._protocol.extensions if self._protocol else self._last_extensions
+
+    @property
+    def remote_mta(self) -> str | None:
+        """The next hop's address, for the Remote-MTA field of a relayed DSN."""
+        return self._last_remote_mta
 
     def _enter(self, state: HopState) -> None:
         if state not in _TRANSITIONS[self.state]:
@@ -185,14 +195,17 @@ class UpstreamSession:
             return False
         kept = self._pool.take(self._settings) if self._pool is not None else None
         self._enter(HopState.CONNECTING)
-        if kept is not None:
-            self._protocol = kept
-            self._enter(HopState.READY)
-            return True
-        self._protocol = await self._open(starttls=self._settings.tls is not UpstreamTLS.NONE)
-        self._protocol.set_up = True
+        if kept is None:
+            kept = await self._open(starttls=self._settings.tls is not UpstreamTLS.NONE)
+            kept.set_up = True
+            taken = False
+        else:
+            taken = True
+        self._protocol = kept
+        self._last_extensions = kept.extensions
+        self._last_remote_mta = getattr(kept.transport.getPeer(), "host", None) if kept.transport else None
         self._enter(HopState.READY)
-        return False
+        return taken
 
     async def _open(self, starttls: bool) -> SMTPClientProtocol:
         """A new connection, greeted, EHLO'd and (as the settings ask) in TLS."""

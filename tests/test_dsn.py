@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import email
 import email.policy
+from collections.abc import Callable
 from email.message import EmailMessage, Message
 
 import attrs
+import pytest
 
 from smtpguard.envelope import Client, Envelope, MailParameters, Notify, Recipient, RecipientParameters, Return
-from smtpguard.incident import Incident
-from smtpguard.notifiers.dsn import NoticeSettings, admin_notice, reported_recipients, sender_notice
+from smtpguard.incident import Incident, Relayed
+from smtpguard.notifiers.dsn import NoticeSettings, admin_notice, relayed_notice, reported_recipients, sender_notice
+from smtpguard.replies import Reply
 from smtpguard.results import Action, Decision, ErrorKind, Notice, ScanResult, Threat
 
 ARRIVED = 1700000000.0  # Tue, 14 Nov 2023 22:13:20 +0000
@@ -61,10 +64,16 @@ def report(data: bytes | None) -> tuple[EmailMessage, list[Message]]:
     return message, status.get_payload()
 
 
-def test_dsn_is_a_multipart_report_of_three_parts() -> None:
-    """The DSN is multipart/report; report-type=delivery-status with, in order, the
-    human-readable text, message/delivery-status and text/rfc822-headers."""
-    message = parse(sender_notice(incident(), SETTINGS, NOW, "t0ken"))
+@pytest.mark.parametrize(
+    "build",
+    [lambda: sender_notice(incident(), SETTINGS, NOW, "t0ken"), lambda: relayed_report()],
+    ids=["failed", "relayed"],
+)
+def test_dsn_is_a_multipart_report_of_three_parts(build: Callable[[], bytes | None]) -> None:
+    """The DSN, failed or relayed, is multipart/report; report-type=delivery-status
+    with, in order, the human-readable text, message/delivery-status and
+    text/rfc822-headers."""
+    message = parse(build())
 
     assert message.get_content_type() == "multipart/report"
     assert message.get_param("report-type") == "delivery-status"
@@ -327,3 +336,102 @@ def test_admin_notice_names_the_quarantine() -> None:
 def test_no_admin_notice_without_an_admin_address() -> None:
     """Without [notifications] admin there is no admin notice."""
     assert admin_notice(incident(), attrs.evolve(SETTINGS, admin=None), NOW, "t1") is None
+
+
+# -- the relayed DSN ----------------------------------------------------------------
+
+QUEUED = Reply(250, "2.0.0", "Ok: queued as 4F2A")
+SUCCESS = frozenset({Notify.SUCCESS})
+
+
+def relayed_report(envid: str | None = None) -> bytes | None:
+    recipients = (
+        recipient("bob@example.net", SUCCESS, orcpt="rfc822;bob+2Bsales@example.net"),
+        recipient("jörg@example.net", frozenset({Notify.SUCCESS, Notify.FAILURE}), orcpt="utf-8;jörg@example.net"),
+    )
+    relayed = Relayed(recipients, QUEUED, "192.0.2.25")
+    clean = incident(recipients, result=ScanResult.clean("builtin"), reason="", action=Action.DELIVER, envid=envid)
+    return relayed_notice(clean, relayed, SETTINGS, NOW, "t0ken")
+
+
+def test_relayed_dsn_header_section() -> None:
+    """The relayed DSN goes to the envelope sender with its own subject, sent
+    automatically (RFC 3834)."""
+    message = parse(relayed_report())
+
+    assert (message["To"], message["Subject"], message["Auto-Submitted"]) == (
+        "alice@example.org",
+        "Mail Delivery Report: relayed",
+        "auto-replied",
+    )
+
+
+def test_relayed_dsn_fields() -> None:
+    """Per message: ENVID, Reporting-MTA, Arrival-Date.  Per recipient: the ORCPT as
+    Original-Recipient, Final-Recipient, Action relayed, Status 2.0.0, the next
+    hop as Remote-MTA and its reply as Diagnostic-Code."""
+    _, blocks = report(relayed_report(envid="QQ314159"))
+
+    assert [list(block.items()) for block in blocks] == [
+        [
+            ("Original-Envelope-Id", "QQ314159"),
+            ("Reporting-MTA", "dns; guard.example.com"),
+            ("Arrival-Date", "Tue, 14 Nov 2023 22:13:20 +0000"),
+        ],
+        [
+            ("Original-Recipient", "rfc822;bob+sales@example.net"),
+            ("Final-Recipient", "rfc822; bob@example.net"),
+            ("Action", "relayed"),
+            ("Status", "2.0.0"),
+            ("Remote-MTA", "dns; 192.0.2.25"),
+            ("Diagnostic-Code", "smtp; 250 2.0.0 Ok: queued as 4F2A"),
+        ],
+        [
+            ("Original-Recipient", "utf-8;j\\x{F6}rg@example.net"),
+            ("Final-Recipient", "utf-8; j\\x{F6}rg@example.net"),
+            ("Action", "relayed"),
+            ("Status", "2.0.0"),
+            ("Remote-MTA", "dns; 192.0.2.25"),
+            ("Diagnostic-Code", "smtp; 250 2.0.0 Ok: queued as 4F2A"),
+        ],
+    ]
+
+
+def test_relayed_dsn_returns_the_headers_only() -> None:
+    """The third part is the original header section, byte for byte."""
+    message = parse(relayed_report())
+
+    assert message.get_payload()[2].get_payload(decode=True) == HEADERS
+
+
+def test_relayed_dsn_text_names_the_recipients() -> None:
+    """The human-readable part says the message was relayed, for whom."""
+    text = parse(relayed_report()).get_payload()[0].get_content()
+
+    assert "Your message to bob@example.net, jörg@example.net" in text
+    assert "relayed, not that it reached its recipients" in text
+
+
+def test_relayed_dsn_without_remote_mta_has_no_remote_mta_field() -> None:
+    """A next hop without a name (a UNIX socket) gives no Remote-MTA field."""
+    relayed = Relayed((recipient("bob@example.net", SUCCESS),), QUEUED, None)
+    _, blocks = report(relayed_notice(incident(relayed.recipients), relayed, SETTINGS, NOW, "t0ken"))
+
+    assert "Remote-MTA" not in blocks[1]
+    assert blocks[1]["Diagnostic-Code"] == "smtp; 250 2.0.0 Ok: queued as 4F2A"
+
+
+def test_relayed_dsn_multi_line_reply_on_one_line() -> None:
+    """A multi-line reply of the next hop is one printable line in Diagnostic-Code."""
+    relayed = Relayed((recipient("bob@example.net", SUCCESS),), Reply(250, "", "Ok\nqueued\x07 as 1"), "mx")
+    _, blocks = report(relayed_notice(incident(relayed.recipients), relayed, SETTINGS, NOW, "t0ken"))
+
+    assert blocks[1]["Diagnostic-Code"] == "smtp; 250 Ok queued? as 1"
+
+
+def test_no_relayed_dsn_to_the_null_sender_or_for_no_one() -> None:
+    """No relayed DSN for the null sender, nor without recipients owed one."""
+    relayed = Relayed((recipient("bob@example.net", SUCCESS),), QUEUED, "mx")
+    assert relayed_notice(incident(relayed.recipients, sender=""), relayed, SETTINGS, NOW, "t0ken") is None
+    nobody = Relayed((), QUEUED, "mx")
+    assert relayed_notice(incident(), nobody, SETTINGS, NOW, "t0ken") is None

@@ -10,6 +10,7 @@ from smtpguard import replies
 from smtpguard.envelope import (
     BodyType,
     Client,
+    Envelope,
     EnvelopeError,
     MailParameters,
     Notify,
@@ -17,11 +18,13 @@ from smtpguard.envelope import (
     RecipientParameters,
     Return,
     decode_xtext,
+    downgrade_refusal,
     encode_xtext,
     mail_arguments,
     parse_mail,
     parse_rcpt,
     rcpt_arguments,
+    relayed_dsn_recipients,
 )
 
 ALL = {"SIZE": "10240000", "8BITMIME": "", "SMTPUTF8": "", "DSN": ""}
@@ -335,32 +338,74 @@ def test_rcpt_notify_invalid(value):
     )
 
 
-def test_rcpt_orcpt_kept_as_given():
-    """ORCPT is kept as addr-type;xtext."""
-    assert parse_rcpt("TO:<a@example.com> ORCPT=rfc822;a+2Bx@example.com", False).parameters == (
-        RecipientParameters(orcpt="rfc822;a+2Bx@example.com")
-    )
+ORCPT_ACCEPTED = [
+    # (value, in an SMTPUTF8 transaction)
+    ("rfc822;a+2Bx@example.com", False),
+    ("RFC822;a@example.com", False),
+    ("rfc822;first+20last@example.com", False),  # decodes to printable ASCII, space included
+    ("x400;c+3Dus+3Ba+3Dx", False),  # other address types: xtext
+    ("rfc_822;a@example.com", False),  # addr-type is an atom
+    ("utf-8;j\\x{F6}rg@example.com", False),  # utf-8-addr-xtext
+    ("UTF-8;j\\x{f6}rg@example.com", False),  # hex digits in either case (ABNF)
+    ("utf-8;a\\x{2B}b\\x{3D}c\\x{5C}d@example.com", False),  # "+", "=", "\\" escaped
+    ("utf-8;\\x{1F600}@example.com", False),  # 5-digit HEXPOINT
+    ("utf-8;jörg@example.com", True),  # utf-8-addr-unitext: raw UTF-8 under SMTPUTF8
+    ("utf-8;jörg\\x{2B}x@例え.jp", True),
+    ("rfc822;jörg@example.com", True),  # RFC 6531 3.3: an esmtp-value may carry UTF-8
+    ("rfc822;" + "a" * 493, False),  # 500 characters
+]
 
 
-def test_rcpt_orcpt_utf8_type():
-    """ORCPT with the utf-8 address type is kept loosely."""
-    assert parse_rcpt("TO:<a@example.com> ORCPT=utf-8;j\\x{F6}rg@example.com", False).parameters == (
-        RecipientParameters(orcpt="utf-8;j\\x{F6}rg@example.com")
-    )
+@pytest.mark.parametrize(("value", "smtputf8"), ORCPT_ACCEPTED)
+def test_rcpt_orcpt_accepted_as_received(value, smtputf8):
+    """ORCPT values RFC 3461 4.2 and RFC 6533 section 3 allow are kept exactly as received."""
+    assert parse_rcpt(f"TO:<a@example.com> ORCPT={value}", smtputf8).parameters == RecipientParameters(orcpt=value)
 
 
-@pytest.mark.parametrize("value", ["rfc822", "rfc822;", ";a@example.com", "rfc_822;a@example.com", "ORCPT"])
-def test_rcpt_orcpt_bad(value):
-    """ORCPT without type, semicolon or address is a syntax error."""
-    argument = "TO:<a@example.com> " + (value if value == "ORCPT" else f"ORCPT={value}")
-    assert rcpt_error(argument) == replies.SYNTAX_ERROR.with_text("Bad ORCPT parameter")
+ORCPT_REFUSED = [
+    "rfc822",  # no semicolon
+    "rfc822;",  # no address
+    ";a@example.com",  # no type
+    "rfc(822);a@example.com",  # "(" is no atom character
+    "rfc822;a+zz@example.com",  # not xtext
+    "rfc822;a+2b@example.com",  # xtext hex is upper case
+    "rfc822;a+0D+0A@example.com",  # decodes to a line break
+    "rfc822;a+00@example.com",  # decodes to NUL
+    "rfc822;a+C3+B6@example.com",  # decodes to non-ASCII
+    "utf-8;a+b@example.com",  # "+" is no QCHAR
+    "utf-8;a=b@example.com",  # nor "="
+    "utf-8;a\\b@example.com",  # a lone backslash
+    "utf-8;a\\x{41}@example.com",  # ASCII letters are not escaped (no such HEXPOINT)
+    "utf-8;a\\x{0D}\\x{0A}@example.com",  # nor CR LF
+    "utf-8;a\\x{D800}@example.com",  # a surrogate
+    "utf-8;a\\x{110000}@example.com",  # past Unicode
+    "utf-8;a\\x{F6@example.com",  # unterminated
+    "rfc822;" + "a" * 494,  # 501 characters
+]
 
 
-def test_rcpt_orcpt_malformed_xtext():
-    """ORCPT whose address is not xtext is a syntax error."""
-    assert rcpt_error("TO:<a@example.com> ORCPT=rfc822;a+zz@example.com") == replies.SYNTAX_ERROR.with_text(
-        "Malformed xtext"
-    )
+@pytest.mark.parametrize("value", ORCPT_REFUSED)
+def test_rcpt_orcpt_refused(value):
+    """An ORCPT value the RFCs do not allow gets 501 5.5.4 naming ORCPT, with or
+    without SMTPUTF8."""
+    for smtputf8 in (False, True):
+        assert rcpt_error(f"TO:<a@example.com> ORCPT={value}", smtputf8) == replies.BAD_ORCPT
+
+
+def test_rcpt_orcpt_without_value_refused():
+    """ORCPT without a value is a syntax error."""
+    assert rcpt_error("TO:<a@example.com> ORCPT") == replies.BAD_ORCPT
+
+
+@pytest.mark.parametrize("value", ["utf-8;jörg@example.com", "rfc822;jörg@example.com"])
+def test_rcpt_orcpt_raw_utf8_needs_smtputf8(value):
+    """Raw UTF-8 in ORCPT outside an SMTPUTF8 transaction gets 501 5.5.4 saying so."""
+    assert rcpt_error(f"TO:<a@example.com> ORCPT={value}") == replies.ORCPT_NEEDS_SMTPUTF8
+
+
+def test_rcpt_orcpt_raw_utf8_only_in_rfc822_and_utf8_types():
+    """Raw UTF-8 in an address type RFC 6533 says nothing of is refused."""
+    assert rcpt_error("TO:<a@example.com> ORCPT=x400;jörg", True) == replies.BAD_ORCPT
 
 
 def test_rcpt_unknown_parameter():
@@ -473,6 +518,113 @@ def test_parse_then_arguments_round_trip():
     """A recipient parsed from the client is passed on with the same parameters."""
     recipient = parse_rcpt("TO:<b@example.com> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b+2Bx@example.com", False)
     assert rcpt_arguments(recipient, ALL) == "TO:<b@example.com> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b+2Bx@example.com"
+
+
+# What each kind of next hop receives: (EHLO keywords, MAIL argument, RCPT argument)
+# for an SMTPUTF8 transaction with every DSN parameter and a UTF-8 ORCPT.
+NEXT_HOPS = [
+    (
+        {"8BITMIME": "", "SMTPUTF8": "", "DSN": ""},
+        "FROM:<a@example.com> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=id",
+        "TO:<b@example.com> NOTIFY=SUCCESS ORCPT=utf-8;jörg@example.com",
+    ),
+    (
+        {"8BITMIME": "", "DSN": ""},
+        "FROM:<a@example.com> BODY=8BITMIME RET=HDRS ENVID=id",
+        "TO:<b@example.com> NOTIFY=SUCCESS ORCPT=utf-8;j\\x{F6}rg@example.com",
+    ),
+    (
+        {"8BITMIME": "", "SMTPUTF8": ""},
+        "FROM:<a@example.com> BODY=8BITMIME SMTPUTF8",
+        "TO:<b@example.com>",
+    ),
+    ({"8BITMIME": ""}, "FROM:<a@example.com> BODY=8BITMIME", "TO:<b@example.com>"),
+    ({}, "FROM:<a@example.com>", "TO:<b@example.com>"),
+]
+
+
+@pytest.mark.parametrize(("extensions", "mail", "rcpt"), NEXT_HOPS)
+def test_wire_arguments_per_next_hop(extensions, mail, rcpt):
+    """DSN parameters go only to a next hop offering DSN (RFC 3461 4.1), SMTPUTF8
+    only to one offering SMTPUTF8, and a raw UTF-8 ORCPT is downgraded to the
+    utf-8-addr-xtext form where SMTPUTF8 is missing (RFC 6533)."""
+    sender, parameters = parse_mail("FROM:<a@example.com> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=id", 0)
+    recipient = parse_rcpt("TO:<b@example.com> NOTIFY=SUCCESS ORCPT=utf-8;jörg@example.com", True)
+    assert mail_arguments(sender, parameters, extensions) == mail
+    assert rcpt_arguments(recipient, extensions) == rcpt
+
+
+@pytest.mark.parametrize(
+    ("orcpt", "with_smtputf8", "without_smtputf8"),
+    [
+        ("rfc822;b+2Bx@example.com", "rfc822;b+2Bx@example.com", "rfc822;b+2Bx@example.com"),
+        ("utf-8;j\\x{F6}rg@example.com", "utf-8;j\\x{F6}rg@example.com", "utf-8;j\\x{F6}rg@example.com"),
+        ("utf-8;jörg\\x{2B}1@example.com", "utf-8;jörg\\x{2B}1@example.com", "utf-8;j\\x{F6}rg\\x{2B}1@example.com"),
+        ("rfc822;jörg+2B1@例え.jp", "rfc822;jörg+2B1@例え.jp", "utf-8;j\\x{F6}rg\\x{2B}1@\\x{4F8B}\\x{3048}.jp"),
+    ],
+)
+def test_rcpt_arguments_orcpt_forms(orcpt, with_smtputf8, without_smtputf8):
+    """ORCPT goes as received to a next hop with DSN and SMTPUTF8; to one with
+    DSN only, a value with raw UTF-8 becomes the utf-8 type in utf-8-addr-xtext
+    form, and an ASCII value goes as received."""
+    recipient = parse_rcpt(f"TO:<b@example.com> ORCPT={orcpt}", True)
+    assert rcpt_arguments(recipient, {"DSN": "", "SMTPUTF8": ""}) == f"TO:<b@example.com> ORCPT={with_smtputf8}"
+    assert rcpt_arguments(recipient, {"DSN": ""}) == f"TO:<b@example.com> ORCPT={without_smtputf8}"
+
+
+def dsn_envelope(sender: str = "a@example.com", smtputf8: bool = False) -> Envelope:
+    """An envelope with one recipient for each NOTIFY choice."""
+    recipients = [
+        parse_rcpt("TO:<success@example.com> NOTIFY=SUCCESS", False),
+        parse_rcpt("TO:<both@example.com> NOTIFY=FAILURE,SUCCESS ORCPT=rfc822;orig@example.com", False),
+        parse_rcpt("TO:<failure@example.com> NOTIFY=FAILURE,DELAY", False),
+        parse_rcpt("TO:<never@example.com> NOTIFY=NEVER", False),
+        parse_rcpt("TO:<unset@example.com>", False),
+    ]
+    return Envelope(Client("192.0.2.1", 1), sender, MailParameters(smtputf8=smtputf8), tuple(recipients))
+
+
+@pytest.mark.parametrize(
+    ("extensions", "owed"),
+    [
+        ({"DSN": "", "SMTPUTF8": ""}, []),
+        ({"DSN": ""}, []),
+        ({"8BITMIME": "", "SMTPUTF8": ""}, ["success@example.com", "both@example.com"]),
+        ({}, ["success@example.com", "both@example.com"]),
+    ],
+)
+def test_relayed_dsn_recipients_per_next_hop(extensions, owed):
+    """Toward a next hop without DSN the recipients whose NOTIFY names SUCCESS are
+    owed a relayed DSN; NOTIFY=NEVER, FAILURE/DELAY only and no NOTIFY are not;
+    a next hop with DSN reports itself."""
+    assert [recipient.address for recipient in relayed_dsn_recipients(dsn_envelope(), extensions)] == owed
+
+
+def test_relayed_dsn_recipients_null_sender():
+    """The null sender is never owed a DSN."""
+    assert relayed_dsn_recipients(dsn_envelope(sender=""), {}) == ()
+
+
+NON_ASCII_HEADERS = "Subject: Grüße\r\nFrom: <jörg@example.com>\r\n".encode()
+ASCII_HEADERS = b"Subject: hello\r\n"
+
+
+@pytest.mark.parametrize(
+    ("smtputf8", "headers", "extensions", "refusal"),
+    [
+        (True, NON_ASCII_HEADERS, {"8BITMIME": "", "DSN": ""}, replies.NEXT_HOP_NO_SMTPUTF8_MESSAGE),
+        (True, NON_ASCII_HEADERS, {}, replies.NEXT_HOP_NO_SMTPUTF8_MESSAGE),
+        (True, NON_ASCII_HEADERS, {"8BITMIME": "", "SMTPUTF8": ""}, None),
+        (True, ASCII_HEADERS, {"8BITMIME": "", "DSN": ""}, None),
+        (True, ASCII_HEADERS, {}, None),
+        (False, NON_ASCII_HEADERS, {"8BITMIME": ""}, None),
+    ],
+)
+def test_downgrade_refusal_per_next_hop(smtputf8, headers, extensions, refusal):
+    """An SMTPUTF8 transaction with non-ASCII headers needs a next hop offering
+    SMTPUTF8 (554 5.6.7 otherwise, RFC 6531 3.2); an all-ASCII one, and one
+    without SMTPUTF8, is not refused for it."""
+    assert downgrade_refusal(dsn_envelope(smtputf8=smtputf8), headers, extensions) == refusal
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,11 @@ from zope.interface.verify import verifyObject
 from smtpguard.capture import capture_factory
 from smtpguard.config import ConfigError
 from smtpguard.envelope import Client, Envelope, MailParameters, Notify, Recipient, RecipientParameters
-from smtpguard.incident import Incident
-from smtpguard.interfaces import INotifier
+from smtpguard.incident import Incident, Relayed
+from smtpguard.interfaces import INotifier, IRelayedNotifier
 from smtpguard.notifiers import NotifierService, Outcome, build_notifier
 from smtpguard.notifiers.notifier import Notifier
+from smtpguard.replies import Reply
 from smtpguard.results import Action, Decision, Notice, ScanResult, Threat
 from smtpguard.testing import MemoryNextHop
 from smtpguard.upstream import Upstream, UpstreamSettings
@@ -82,10 +83,39 @@ def queued(directory: Path) -> list[tuple[str, bytes]]:
 
 
 def test_notifier_provides_inotifier(tmp_path: Path) -> None:
-    """The notifier provides INotifier."""
+    """The notifier provides INotifier and IRelayedNotifier."""
     notifier, _, _ = notifier_on_clock(tmp_path)
 
     assert verifyObject(INotifier, notifier)
+    assert verifyObject(IRelayedNotifier, notifier)
+
+
+def test_relayed_queues_the_relayed_dsn_on_disk_before_firing(tmp_path: Path) -> None:
+    """relayed() has written the relayed DSN to the sender into the outbox, as a
+    notice of kind "relayed", when its Deferred fires."""
+    notifier, hop, _ = notifier_on_clock(tmp_path)
+    owed = (Recipient("bob@example.net", RecipientParameters(notify=frozenset({Notify.SUCCESS}))),)
+
+    done = notifier.relayed(incident(recipients=owed), Relayed(owed, Reply(250, "2.0.0", "Ok"), "192.0.2.25"))
+
+    assert done.called and done.result is None
+    assert hop.commands == []
+    [(recipient, dsn)] = queued(tmp_path)
+    assert recipient == SENDER
+    status = email.message_from_bytes(dsn).get_payload()[1].get_payload()[1]
+    assert (status["Action"], status["Status"], status["Remote-MTA"]) == ("relayed", "2.0.0", "dns; 192.0.2.25")
+    [path] = tmp_path.glob("*.notice")
+    assert json.loads(path.read_bytes().partition(b"\n")[0])["kind"] == "relayed"
+
+
+def test_no_relayed_dsn_to_the_null_sender(tmp_path: Path) -> None:
+    """relayed() for the null sender queues nothing."""
+    notifier, _, _ = notifier_on_clock(tmp_path)
+    owed = (Recipient("bob@example.net", RecipientParameters(notify=frozenset({Notify.SUCCESS}))),)
+
+    notifier.relayed(incident(sender="", recipients=owed), Relayed(owed, Reply(250, "2.0.0", "Ok")))
+
+    assert queued(tmp_path) == []
 
 
 def test_notify_queues_both_notices_on_disk_before_firing(tmp_path: Path) -> None:
@@ -205,6 +235,8 @@ def test_build_reads_every_key(tmp_path: Path) -> None:
         "sender_text": "T {reason}",
         "admin_subject": "AS {threat}",
         "admin_text": "AT {queue_id}",
+        "relayed_subject": "RS {subject}",
+        "relayed_text": "RT {recipients}",
         "retry_initial": 5,
         "retry_max": 50.5,
         "max_age": 3600,
@@ -224,6 +256,7 @@ def test_build_reads_every_key(tmp_path: Path) -> None:
         "AS {threat}",
         "AT {queue_id}",
     )
+    assert (settings.relayed_subject, settings.relayed_text) == ("RS {subject}", "RT {recipients}")
     assert attrs.astuple(notifier.outbox._retry) == (5.0, 50.5, 3600.0)
     assert notifier.outbox.directory == str(tmp_path)
 
@@ -244,6 +277,7 @@ def test_build_reads_every_key(tmp_path: Path) -> None:
         ({"sender_text": "Dear {sender"}, "sender_text: is not a valid template"),
         ({"admin_subject": "{threat.name}"}, "admin_subject: is not a valid template"),
         ({"sender_subject": "{}"}, "sender_subject: is not a valid template"),
+        ({"relayed_text": "Dear {sender"}, "relayed_text: is not a valid template"),
         ({"admni": ADMIN}, "admni: unknown key"),
     ],
 )

@@ -1,5 +1,6 @@
-"""The notices' texts, built without I/O: the delivery status notification of
-RFC 3464 for a sender, and the plain-text notice for the administrator."""
+"""The notices' texts, built without I/O: the delivery status notifications of
+RFC 3464 for a sender (a failure, or "relayed" to a next hop without DSN), and
+the plain-text notice for the administrator."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from email.utils import format_datetime, formataddr
 
 import attrs
 
-from smtpguard import templates
-from smtpguard.envelope import Envelope, EnvelopeError, Notify, Recipient, decode_xtext, encode_xtext
-from smtpguard.incident import Incident
+from smtpguard import templates, xtext
+from smtpguard.envelope import Envelope, Notify, Recipient
+from smtpguard.incident import Incident, Relayed
+from smtpguard.replies import Reply
 from smtpguard.results import Action, ErrorKind, Verdict
 
 SENDER_SUBJECT = "Mail Delivery Failure"
@@ -29,6 +31,21 @@ could not be delivered to one or more of its recipients for the reason:
 
 The message was not delivered as sent.  If you did not send it, your
 address may have been forged and you can ignore this notice.
+
+Reporting system: {hostname}
+Queue id: {queue_id}
+"""
+RELAYED_SUBJECT = "Mail Delivery Report: relayed"
+RELAYED_TEXT = """\
+Mail Delivery Report
+
+Your message to {recipients}
+with the subject "{subject}"
+was passed on to a mail system that does not report deliveries.
+
+You asked to be told when it is delivered.  This report, that it left
+{hostname}, is the last you will hear of it: it says the message was
+relayed, not that it reached its recipients.
 
 Reporting system: {hostname}
 Queue id: {queue_id}
@@ -78,6 +95,8 @@ class NoticeSettings:
     sender_text: str = SENDER_TEXT
     admin_subject: str = ADMIN_SUBJECT
     admin_text: str = ADMIN_TEXT
+    relayed_subject: str = RELAYED_SUBJECT
+    relayed_text: str = RELAYED_TEXT
 
 
 def reported_recipients(envelope: Envelope) -> tuple[Recipient, ...]:
@@ -129,18 +148,59 @@ def sender_notice(incident: Incident, settings: NoticeSettings, now: float, toke
     Only the original header section is returned, never the body, whatever RET
     asked for: the body is what was dropped.
     """
+    recipients = reported_recipients(incident.envelope)
+    status = status_code(incident)
+    diagnostic = f"554 {status} " + _ascii_line(f"Message dropped: {incident.decision.reason or 'policy'}")
+    groups = [_recipient_fields(recipient, "failed", status, diagnostic) for recipient in recipients]
+    texts = (settings.sender_subject, settings.sender_text, "Undelivered Message Headers")
+    return _report(incident, recipients, groups, texts, settings, now, token)
+
+
+def relayed_notice(
+    incident: Incident, relayed: Relayed, settings: NoticeSettings, now: float, token: str
+) -> bytes | None:
+    """The "relayed" delivery status notification (RFC 3461 section 4.1, RFC 3464)
+    for ``incident``'s sender: its message went to a next hop that reports no
+    delivery, for the recipients in ``relayed`` that asked for NOTIFY=SUCCESS.
+    None for the null sender or without such recipients.
+
+    Each recipient is reported with Action: relayed, Status: 2.0.0, the next
+    hop as Remote-MTA and its reply as Diagnostic-Code; the original header
+    section is returned, never the body (RFC 3461 section 4.3: a report of
+    success returns the headers only).
+    """
+    diagnostic = _reply_line(relayed.reply)
+    remote = f"dns; {relayed.remote_mta}" if relayed.remote_mta and _PRINTABLE.match(relayed.remote_mta) else None
+    groups = [_recipient_fields(recipient, "relayed", "2.0.0", diagnostic, remote) for recipient in relayed.recipients]
+    texts = (settings.relayed_subject, settings.relayed_text, "Relayed Message Headers")
+    return _report(incident, relayed.recipients, groups, texts, settings, now, token)
+
+
+def _report(
+    incident: Incident,
+    recipients: tuple[Recipient, ...],
+    groups: list[str],
+    texts: tuple[str, str, str],
+    settings: NoticeSettings,
+    now: float,
+    token: str,
+) -> bytes | None:
+    """A multipart/report of ``groups`` (per-recipient fields) about
+    ``recipients`` for ``incident``'s sender, with ``texts``: the subject and
+    text templates and the headers part's description; None when there is no
+    one to tell."""
+    subject, text_template, headers_description = texts
     envelope = incident.envelope
-    recipients = reported_recipients(envelope)
     if envelope.sender == "" or not recipients:
         return None
     values = notice_values(incident, settings.hostname)
     values["recipients"] = ", ".join(recipient.address for recipient in recipients)
-    text = templates.render(settings.sender_text, values)
+    text = templates.render(text_template, values)
     boundary = f"smtpguard-{token}"
     head = _header_section(
         settings,
         to=envelope.sender,
-        subject=templates.render(settings.sender_subject, values),
+        subject=templates.render(subject, values),
         now=now,
         token=token,
         auto_submitted="auto-replied",
@@ -148,8 +208,8 @@ def sender_notice(incident: Incident, settings: NoticeSettings, now: float, toke
     )
     parts = [
         _part("text/plain", _crlf(text.encode("utf-8")), "Notification"),
-        _part("message/delivery-status", _delivery_status(incident, recipients, settings.hostname), "Delivery report"),
-        _part("text/rfc822-headers", _crlf(incident.headers), "Undelivered Message Headers"),
+        _part("message/delivery-status", _delivery_status(incident, groups, settings.hostname), "Delivery report"),
+        _part("text/rfc822-headers", _crlf(incident.headers), headers_description),
     ]
     body = b"This is a MIME-encapsulated message.\r\n"
     for part in parts:
@@ -205,62 +265,46 @@ def _header_text(text: str) -> str:
     return Header(text, "us-ascii" if text.isascii() else "utf-8").encode(linesep="\r\n")
 
 
-def _delivery_status(incident: Incident, recipients: tuple[Recipient, ...], hostname: str) -> bytes:
+def _delivery_status(incident: Incident, groups: list[str], hostname: str) -> bytes:
     """The message/delivery-status content (RFC 3464 section 2.1): per-message
-    fields, then a group per recipient; 7-bit by definition."""
+    fields, then ``groups``, one per recipient; 7-bit by definition."""
     envid = incident.envelope.parameters.envid
     fields = [f"Original-Envelope-Id: {_printable(envid)}"] if envid is not None else []
     fields += [f"Reporting-MTA: dns; {hostname}", f"Arrival-Date: {rfc5322_date(incident.time)}"]
-    groups = ["\r\n".join(fields)]
-    status = status_code(incident)
-    diagnostic = _ascii_line(f"Message dropped: {incident.decision.reason or 'policy'}")
-    for recipient in recipients:
-        fields = []
-        if recipient.parameters.orcpt is not None:
-            fields.append(f"Original-Recipient: {_original_recipient(recipient.parameters.orcpt)}")
-        fields += [
-            f"Final-Recipient: {_address_field(recipient.address)}",
-            "Action: failed",
-            f"Status: {status}",
-            f"Diagnostic-Code: smtp; 554 {status} {diagnostic}",
-        ]
-        groups.append("\r\n".join(fields))
-    return ("\r\n\r\n".join(groups) + "\r\n").encode("ascii")
+    return ("\r\n\r\n".join(["\r\n".join(fields), *groups]) + "\r\n").encode("ascii")
 
 
-def _original_recipient(orcpt: str) -> str:
-    """ORCPT's ``addr-type;xtext`` as the Original-Recipient field wants it: the
-    address decoded (``rfc822;bob@example.net``), unless decoding would make it
-    unprintable, in which case it stays encoded."""
-    addr_type, _, encoded = orcpt.partition(";")
-    if addr_type.upper() == "UTF-8":
-        return f"{addr_type};{_utf8_addr_xtext(encoded)}"
-    try:
-        decoded = decode_xtext(encoded)
-    except EnvelopeError:
-        return f"{addr_type};{_printable(encoded)}"
-    return f"{addr_type};{decoded if _PRINTABLE.match(decoded) else encoded}"
+def _recipient_fields(
+    recipient: Recipient, action: str, status: str, diagnostic: str, remote_mta: str | None = None
+) -> str:
+    """One recipient's fields of a message/delivery-status (RFC 3464 section 2.3)."""
+    fields = []
+    if recipient.parameters.orcpt is not None:
+        fields.append(f"Original-Recipient: {xtext.original_recipient_field(recipient.parameters.orcpt)}")
+    fields += [f"Final-Recipient: {_address_field(recipient.address)}", f"Action: {action}", f"Status: {status}"]
+    if remote_mta is not None:
+        fields.append(f"Remote-MTA: {remote_mta}")
+    fields.append(f"Diagnostic-Code: smtp; {diagnostic}")
+    return "\r\n".join(fields)
+
+
+def _reply_line(reply: Reply) -> str:
+    """An SMTP reply on one printable ASCII line, as a Diagnostic-Code quotes it."""
+    enhanced = f" {reply.enhanced}" if reply.enhanced else ""
+    return _ascii_line(f"{reply.code}{enhanced} {reply.text}")
 
 
 def _address_field(address: str) -> str:
     """An address for Final-Recipient: rfc822, or utf-8 (RFC 6533) when it is not ASCII."""
     if address.isascii():
         return f"rfc822; {address}"
-    return f"utf-8; {_utf8_addr_xtext(address)}"
-
-
-def _utf8_addr_xtext(address: str) -> str:
-    """RFC 6533 utf-8-addr-xtext: what is not printable ASCII, and the backslash,
-    '+' and '=', written as ``\\x{HEX}``."""
-    return "".join(
-        char if "\x21" <= char <= "\x7e" and char not in "\\+=" else f"\\x{{{ord(char):X}}}" for char in address
-    )
+    return f"utf-8; {xtext.encode_utf8_addr(address)}"
 
 
 def _printable(value: str) -> str:
     """A value from the client in a header field: as it is when printable ASCII,
     xtext encoded otherwise (no CR LF can slip into the report)."""
-    return value if _PRINTABLE.match(value) else encode_xtext(value)
+    return value if _PRINTABLE.match(value) else xtext.encode(value)
 
 
 def _ascii_line(text: str) -> str:

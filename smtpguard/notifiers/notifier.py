@@ -1,6 +1,7 @@
 """The notifier: turns an incident into the notices its decision asks for (a
-delivery status notification to the sender, a notice to the administrator) and
-puts them in the durable outbox; and its builder from the ``[notifications]`` table."""
+delivery status notification to the sender, a notice to the administrator), and
+a relayed message into the "relayed" DSN its sender is owed, and puts them in the
+durable outbox; and its builder from the ``[notifications]`` table."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from zope.interface import implementer
 from smtpguard import replies, templates
 from smtpguard.config import Table, options
 from smtpguard.envelope import EnvelopeError, parse_address
-from smtpguard.incident import Incident
-from smtpguard.interfaces import INextHop, INotifier
-from smtpguard.notifiers.dsn import PLACEHOLDERS, NoticeSettings, admin_notice, sender_notice
+from smtpguard.incident import Incident, Relayed
+from smtpguard.interfaces import INextHop, IRelayedNotifier
+from smtpguard.notifiers.dsn import PLACEHOLDERS, NoticeSettings, admin_notice, relayed_notice, sender_notice
 from smtpguard.notifiers.outbox import Outbox, RetrySettings
 from smtpguard.results import Notice
 
@@ -29,7 +30,7 @@ _RETRY = RetrySettings()
 _Builder = Callable[[Incident, NoticeSettings, float, str], "bytes | None"]
 
 
-@implementer(INotifier)
+@implementer(IRelayedNotifier)
 class Notifier:
     """Queues the notices of each incident in ``outbox``; :meth:`start` and
     :meth:`stop` run the outbox's deliveries."""
@@ -48,27 +49,37 @@ class Notifier:
         ]
         for kind, build, recipient in wanted:
             if kind in incident.decision.notices:
-                self._queue(incident, kind, build, recipient)
+                self._queue(incident, kind.value, build, recipient)
         return defer.succeed(None)
 
-    def _queue(self, incident: Incident, kind: Notice, build: _Builder, recipient: str | None) -> None:
+    def relayed(self, incident: Incident, relayed: Relayed) -> Deferred[None]:
+        """Queue the "relayed" DSN for ``incident``'s sender; fires once it is on
+        disk, and never fails (a notice that cannot be written is logged as lost)."""
+
+        def build(incident: Incident, settings: NoticeSettings, now: float, token: str) -> bytes | None:
+            return relayed_notice(incident, relayed, settings, now, token)
+
+        self._queue(incident, "relayed", build, incident.envelope.sender or None)
+        return defer.succeed(None)
+
+    def _queue(self, incident: Incident, kind: str, build: _Builder, recipient: str | None) -> None:
         tid = incident.transaction_id
         try:
             message = build(incident, self.settings, self._reactor.seconds(), secrets.token_hex(12))
             if message is None or recipient is None:
-                log.info("{tid}: no {kind} notice (no one to tell)", tid=tid, kind=kind.value)
+                log.info("{tid}: no {kind} notice (no one to tell)", tid=tid, kind=kind)
                 return
-            self.outbox.add(recipient, message, kind.value, tid)
+            self.outbox.add(recipient, message, kind, tid)
         except OSError as error:
             log.critical(
                 "{tid}: {kind} notice LOST: cannot write to the outbox {dir}: {error}",
                 tid=tid,
-                kind=kind.value,
+                kind=kind,
                 dir=self.outbox.directory,
                 error=error,
             )
         except Exception:
-            log.failure("{tid}: {kind} notice LOST: cannot build it", tid=tid, kind=kind.value)
+            log.failure("{tid}: {kind} notice LOST: cannot build it", tid=tid, kind=kind)
 
     def start(self) -> None:
         """Load the outbox and start delivering; raises OSError when the outbox
@@ -110,7 +121,7 @@ def build_notifier(table: Mapping[str, Any], next_hop: INextHop, hostname: str, 
     defaults = NoticeSettings(from_address)
     texts = {
         key: _template(config, key, getattr(defaults, key))
-        for key in ("sender_subject", "sender_text", "admin_subject", "admin_text")
+        for key in ("sender_subject", "sender_text", "admin_subject", "admin_text", "relayed_subject", "relayed_text")
     }
     config.check_unknown()
     settings = NoticeSettings(
