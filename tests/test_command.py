@@ -30,6 +30,7 @@ from smtpguard import replies, tap
 from smtpguard.config import ConfigError
 from smtpguard.envelope import Client, Envelope
 from smtpguard.interfaces import IScanner, IScannerFactory
+from smtpguard.plugins import command as command_plugin
 from smtpguard.registry import build_scanner, factories
 from smtpguard.results import ErrorKind, ScanResult, Threat
 from smtpguard.scanners import command as command_scanner
@@ -65,16 +66,16 @@ def fake(tmp_path: Path, source: str, name: str = "fake.py") -> list[str]:
 
 
 def scanner(command: list[str], **keys: Any) -> CommandScanner:
-    return command_scanner.build({"command": command, **keys}, reactor)
+    return command_plugin.build({"command": command, **keys}, reactor)
 
 
 def settings(**keys: Any) -> CommandSettings:
-    return command_scanner.settings_from_config({"command": [PYTHON], **keys})
+    return command_plugin.settings_from_config({"command": [PYTHON], **keys})
 
 
 def config_error(**keys: Any) -> str:
     with pytest.raises(ConfigError) as raised:
-        command_scanner.settings_from_config(keys)
+        command_plugin.settings_from_config(keys)
     return str(raised.value)
 
 
@@ -314,7 +315,7 @@ def fired(deferred: defer.Deferred[Any]) -> list[Any]:
 
 
 def scanner_on(clock: ProcessClock) -> CommandScanner:
-    return command_scanner.build({"command": [PYTHON]}, clock)
+    return command_plugin.build({"command": [PYTHON]}, clock)
 
 
 def test_stdin_gets_one_chunk_each_time_the_pipe_asks() -> None:
@@ -322,7 +323,7 @@ def test_stdin_gets_one_chunk_each_time_the_pipe_asks() -> None:
     resumeProducing (so a slow command holds back the reading), then stdin is
     closed; the command is spawned with the configured argv."""
     clock = ProcessClock()
-    built = command_scanner.build({"command": [PYTHON, "-x"]}, clock)
+    built = command_plugin.build({"command": [PYTHON, "-x"]}, clock)
     data = bytes(range(256)) * 600  # 153600 bytes: three chunks
     results = fired(built.scan(message(data), ENVELOPE))
     [(_, executable, args, process)] = clock.spawned
