@@ -27,7 +27,7 @@ PROBE = (
 # Values: imported by everyone, they import nothing of smtpguard's but each other.
 VALUES = frozenset(
     f"smtpguard.{name}"
-    for name in ("replies", "envelope", "results", "spool", "access", "settings", "tables")
+    for name in ("replies", "envelope", "results", "spool", "access", "settings", "tables", "proxyheader")
 )
 # What the parts of a message's path (scanners, policies, notifiers, the quarantine)
 # must never bring in: the protocols on either side, the pipeline that drives them,
