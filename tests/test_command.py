@@ -10,7 +10,6 @@ import re
 import smtplib
 import stat
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -416,14 +415,12 @@ def _gone(pid: int) -> bool:
 @pytest_twisted.ensureDeferred
 async def test_timeout_kills_the_command_and_gives_a_timeout_error(tmp_path: Path) -> None:
     """A command that hangs: after ``timeout`` (0.5 s) the result is a timeout
-    error, and the process is killed (SIGKILL) and reaped."""
+    error, and the process is killed (SIGKILL) and reaped.  (When exactly the
+    deadline fires is test_deadline_kills_the_process_at_the_timeout_not_before.)"""
     pid_file = tmp_path / "pid"
     command = fake(tmp_path, f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
-    started = time.monotonic()
     result = await scan(scanner(command, timeout=0.5), b"x\r\n")
-    elapsed = time.monotonic() - started
     assert result == ScanResult.failed(ErrorKind.TIMEOUT, "no verdict within 0.5 s", "command")
-    assert 0.5 <= elapsed < 5
     pid = int(pid_file.read_text())
     for _ in range(100):  # reaping follows SIGCHLD: bounded wait, 5 s at most
         if _gone(pid):
