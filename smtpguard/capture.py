@@ -18,7 +18,8 @@ from smtpguard import replies
 from smtpguard.envelope import Envelope, Recipient
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
-from smtpguard.server import GuardFactory, ServerSettings
+from smtpguard.server import GuardFactory
+from smtpguard.settings import ServerSettings
 from smtpguard.spool import Message
 
 

@@ -9,7 +9,6 @@ is waited for, within a deadline.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,25 +17,20 @@ from twisted.internet.interfaces import IAddress, IProtocol, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols import policies
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
 from zope.interface import directlyProvides, providedBy
 
 from smtpguard.access import Network, address_in
+from smtpguard.proxyheader import Endpoint, ProxyHeaderError, parse
 
 log = Logger()
 
-_V1_PREFIX = b"PROXY "
-_V2_PREFIX = V2Parser.PREFIX
 
-
-def _is_ip(address: IAddress) -> bool:
-    try:
-        ipaddress.ip_address(getattr(address, "host", ""))
-    except ValueError:
-        return False
-    return True
+def _address(endpoint: Endpoint | None) -> IAddress | None:
+    if endpoint is None:
+        return None
+    if ":" in endpoint.host:
+        return IPv6Address("TCP", endpoint.host, endpoint.port)
+    return IPv4Address("TCP", endpoint.host, endpoint.port)
 
 
 class ProxyProtocolWrapper(policies.ProtocolWrapper):
@@ -45,7 +39,6 @@ class ProxyProtocolWrapper(policies.ProtocolWrapper):
     def __init__(self, factory: Any, wrappedProtocol: IProtocol) -> None:
         super().__init__(factory, wrappedProtocol)
         self._buffer = b""
-        self._parser: V1Parser | V2Parser | None = None
         self._source: IAddress | None = None
         self._destination: IAddress | None = None
         self._ready = False
@@ -65,26 +58,15 @@ class ProxyProtocolWrapper(policies.ProtocolWrapper):
         if self._ready:
             self.wrappedProtocol.dataReceived(data)
             return
-        if self._parser is None:
-            self._buffer += data
-            if self._buffer.startswith(_V1_PREFIX):
-                self._parser = V1Parser()
-            elif self._buffer.startswith(_V2_PREFIX):
-                self._parser = V2Parser()
-            elif _V1_PREFIX.startswith(self._buffer) or _V2_PREFIX.startswith(self._buffer):
-                return None  # the start of either: wait for more
-            else:
-                return self._give_up("not a PROXY header")
-            data, self._buffer = self._buffer, b""
+        self._buffer += data
         try:
-            info, rest = self._parser.feed(data)
-        except InvalidProxyHeader:
-            return self._give_up("malformed PROXY header")
-        if info is None:
-            return None
-        if not all(_is_ip(address) for address in (info.source, info.destination) if address is not None):
-            return self._give_up("malformed PROXY header")
-        self._source, self._destination = info.source, info.destination
+            header = parse(self._buffer)
+        except ProxyHeaderError as error:
+            return self._give_up(str(error))
+        if header is None:
+            return None  # the start of a header: wait for the rest
+        rest, self._buffer = self._buffer[header.length :], b""
+        self._source, self._destination = _address(header.source), _address(header.destination)
         self._ready = True
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpguard import config
+from smtpguard import tables
 from smtpguard.envelope import (
     BodyType,
     Client,
@@ -428,7 +428,7 @@ class Quarantine:
 def build_quarantine(table: Mapping[str, Any], reactor: Any) -> Quarantine:
     """The quarantine of a ``[quarantine]`` table.  The directory is created (0700)
     here, so that one that cannot be is a start-up error, not a 451 per message."""
-    options = config.options(table)
+    options = tables.options(table)
     directory = options.get("directory", str, "")
     if not directory:
         raise options.error("directory", 'is required (e.g. "/var/spool/smtpguard/quarantine")')

@@ -15,7 +15,7 @@ from smtpguard.config import ConfigError
 from smtpguard.envelope import mail_arguments, rcpt_arguments
 from smtpguard.quarantine import Quarantine, QuarantineError, build_quarantine, envelope_of
 from smtpguard.replies import Reply
-from smtpguard.upstream import UpstreamSettings
+from smtpguard.settings import UpstreamSettings
 
 # Every parameter is shown, as if the next hop offered every extension.
 _ALL_EXTENSIONS = {"SIZE": "", "8BITMIME": "", "SMTPUTF8": "", "DSN": ""}

@@ -15,8 +15,8 @@ from twisted.plugin import IPlugin, getPlugins
 from zope.interface import Interface, implementer
 from zope.interface.verify import verifyObject
 
-from smtpguard.config import ConfigError
 from smtpguard.interfaces import IPolicy, IPolicyFactory, IScanner, IScannerFactory
+from smtpguard.tables import ConfigError
 
 
 @implementer(IPlugin, IScannerFactory)

@@ -21,10 +21,11 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from smtpguard import replies
-from smtpguard.access import AccessRules, ClientCounters
+from smtpguard.access import ClientCounters
 from smtpguard.envelope import BodyType, Client, Envelope, EnvelopeError, Recipient, parse_mail, parse_rcpt
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
+from smtpguard.settings import ServerSettings
 from smtpguard.spool import Message, Spool, SpoolFull
 from smtpguard.wire import DataReader, LineEndingNormaliser
 
@@ -34,23 +35,6 @@ log = Logger()
 _PAUSE_BUFFER = 256 * 1024
 # Seconds a closing connection may take to flush its last reply.
 _CLOSE_GRACE = 30.0
-
-
-@attrs.frozen
-class ServerSettings:
-    hostname: str = "localhost"
-    max_message_size: int = 52_428_800
-    max_recipients: int = 1000
-    max_connections: int = 1000
-    max_line_length: int = 2048
-    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7
-    data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5, per block of data
-    session_timeout: float = 3600.0
-    spool_memory: int = 1024 * 1024
-    spool_directory: str | None = None
-    tls: Any = None  # an IOpenSSLServerConnectionCreator enables STARTTLS
-    require_tls: bool = False
-    access: AccessRules = AccessRules()
 
 
 # end of data -> (envelope, message, relay, transaction id) -> reply

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
-import attrs
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
@@ -26,30 +25,11 @@ from smtpguard import replies
 from smtpguard.envelope import BodyType, Client, Envelope, Recipient, encode_xtext, mail_arguments, rcpt_arguments
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
+from smtpguard.settings import UpstreamSettings, UpstreamTLS
 from smtpguard.smtpclient import ProtocolViolation, SMTPClientProtocol, WhileProducing, parse_extensions
 from smtpguard.spool import Message
 
 log = Logger()
-
-
-class UpstreamTLS(Enum):
-    NONE = "none"
-    OPPORTUNISTIC = "opportunistic"
-    REQUIRED = "required"
-
-
-@attrs.frozen
-class UpstreamSettings:
-    endpoint: str
-    hostname: str = "localhost"  # our name in EHLO
-    tls: UpstreamTLS = UpstreamTLS.NONE
-    tls_hostname: str | None = None  # the name its certificate must carry (required)
-    tls_ca: str | None = None  # PEM bundle to trust instead of the system's
-    xforward: bool = True
-    timeout: float = 300.0
-    connect_timeout: float = 30.0
-    keep_connections: int = 10  # idle connections kept for the next client sessions
-    keep_time: float = 5.0
 
 
 class _Failed(Exception):

@@ -4,6 +4,7 @@ and the PROXY protocol, with the real client address behind a proxy."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 from pathlib import Path
@@ -149,6 +150,7 @@ def converse(port: int, header: bytes, piecewise: bool = False) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
         try:
             if piecewise:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a segment per byte
                 for byte in header:
                     client.sendall(bytes([byte]))
             else:
@@ -167,15 +169,23 @@ def converse(port: int, header: bytes, piecewise: bool = False) -> bytes:
         (b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 25\r\n", False),
         (b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 25\r\n", True),
         (v2_header("203.0.113.5", 40000), False),
+        (v2_header("203.0.113.5", 40000), True),
     ],
-    ids=["v1", "v1-byte-by-byte", "v2"],
+    ids=["v1", "v1-byte-by-byte", "v2", "v2-byte-by-byte"],
 )
 @pytest_twisted.ensureDeferred
 async def test_proxied_client_address_is_the_real_one(listening, tmp_path, header, piecewise):
     """Behind a trusted proxy, the client's real address is what the session sees and passes on."""
     port, captured = await proxied_guard(listening, tmp_path)
     said = await threads.deferToThread(converse, port, header, piecewise)
-    assert said.count(b"\r\n250 ") + said.count(b"250 2.") >= 3, said
+    after_ehlo = said.split(b"\r\n250 ", 1)[1].split(b"\r\n", 1)[1]
+    envelope = (replies.SENDER_OK, replies.RECIPIENT_OK, replies.START_DATA)
+    assert re.fullmatch(
+        re.escape(b"".join(reply.to_bytes() for reply in envelope))
+        + rb"250 2\.0\.0 Ok: queued as [0-9a-f]{16}\r\n"
+        + re.escape(replies.CLOSING.to_bytes()),
+        after_ehlo,
+    ), said
     (meta,) = [json.loads(path.read_text()) for path in captured.glob("*.json")]
     (eml,) = [path.read_bytes() for path in captured.glob("*.eml")]
     assert eml.startswith(b"Received: from client.example ([203.0.113.5])")

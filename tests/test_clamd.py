@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import smtplib
-import time
 import zipfile
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -722,16 +721,14 @@ async def test_real_stopped_clamd_is_engine_not_ready_and_comes_back(tmp_path: P
 @pytest_twisted.ensureDeferred
 async def test_real_stalled_clamd_is_a_timeout(tmp_path: Path, built: list[ClamdScanner]) -> None:
     """clamd stopped with SIGSTOP (connections accepted, never answered): the scan
-    ends as ``timeout`` at the 1 s deadline, not much later."""
+    ends as ``timeout`` by the 1 s deadline (when exactly it fires is
+    test_stalled_clamd_is_a_timeout_at_the_deadline, on a Clock)."""
     engine = Clamd(tmp_path)
     engine.start()
     engine.pause()
     try:
-        started = time.monotonic()
         result = await real(built, endpoint=engine.unix_endpoint, timeout=1).scan(message(CLEAN), ENVELOPE)
-        elapsed = time.monotonic() - started
         assert result == failed(ErrorKind.TIMEOUT, "no verdict within 1 s")
-        assert 1.0 <= elapsed < 2.0
     finally:
         engine.resume()
         engine.stop()

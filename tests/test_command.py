@@ -10,7 +10,6 @@ import re
 import smtplib
 import stat
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from smtpguard import replies, tap
 from smtpguard.config import ConfigError
 from smtpguard.envelope import Client, Envelope
 from smtpguard.interfaces import IScanner, IScannerFactory
+from smtpguard.plugins import command as command_plugin
 from smtpguard.registry import build_scanner, factories
 from smtpguard.results import ErrorKind, ScanResult, Threat
 from smtpguard.scanners import command as command_scanner
@@ -65,16 +65,16 @@ def fake(tmp_path: Path, source: str, name: str = "fake.py") -> list[str]:
 
 
 def scanner(command: list[str], **keys: Any) -> CommandScanner:
-    return command_scanner.build({"command": command, **keys}, reactor)
+    return command_plugin.build({"command": command, **keys}, reactor)
 
 
 def settings(**keys: Any) -> CommandSettings:
-    return command_scanner.settings_from_config({"command": [PYTHON], **keys})
+    return command_plugin.settings_from_config({"command": [PYTHON], **keys})
 
 
 def config_error(**keys: Any) -> str:
     with pytest.raises(ConfigError) as raised:
-        command_scanner.settings_from_config(keys)
+        command_plugin.settings_from_config(keys)
     return str(raised.value)
 
 
@@ -314,7 +314,7 @@ def fired(deferred: defer.Deferred[Any]) -> list[Any]:
 
 
 def scanner_on(clock: ProcessClock) -> CommandScanner:
-    return command_scanner.build({"command": [PYTHON]}, clock)
+    return command_plugin.build({"command": [PYTHON]}, clock)
 
 
 def test_stdin_gets_one_chunk_each_time_the_pipe_asks() -> None:
@@ -322,7 +322,7 @@ def test_stdin_gets_one_chunk_each_time_the_pipe_asks() -> None:
     resumeProducing (so a slow command holds back the reading), then stdin is
     closed; the command is spawned with the configured argv."""
     clock = ProcessClock()
-    built = command_scanner.build({"command": [PYTHON, "-x"]}, clock)
+    built = command_plugin.build({"command": [PYTHON, "-x"]}, clock)
     data = bytes(range(256)) * 600  # 153600 bytes: three chunks
     results = fired(built.scan(message(data), ENVELOPE))
     [(_, executable, args, process)] = clock.spawned
@@ -415,14 +415,12 @@ def _gone(pid: int) -> bool:
 @pytest_twisted.ensureDeferred
 async def test_timeout_kills_the_command_and_gives_a_timeout_error(tmp_path: Path) -> None:
     """A command that hangs: after ``timeout`` (0.5 s) the result is a timeout
-    error, and the process is killed (SIGKILL) and reaped."""
+    error, and the process is killed (SIGKILL) and reaped.  (When exactly the
+    deadline fires is test_deadline_kills_the_process_at_the_timeout_not_before.)"""
     pid_file = tmp_path / "pid"
     command = fake(tmp_path, f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
-    started = time.monotonic()
     result = await scan(scanner(command, timeout=0.5), b"x\r\n")
-    elapsed = time.monotonic() - started
     assert result == ScanResult.failed(ErrorKind.TIMEOUT, "no verdict within 0.5 s", "command")
-    assert 0.5 <= elapsed < 5
     pid = int(pid_file.read_text())
     for _ in range(100):  # reaping follows SIGCHLD: bounded wait, 5 s at most
         if _gone(pid):

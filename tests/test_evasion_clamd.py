@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import smtplib
 import struct
-import time
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -572,10 +571,9 @@ async def test_zip_bomb_of_many_members_is_content_size_in_bounded_time_and_memo
     strict_clamd: Clamd, built: list[ClamdScanner], flat_bomb: bytes
 ) -> None:
     """25 x 8 MiB of zeros, MaxScanSize 20M: Heuristics.Limits.Exceeded.MaxScanSize,
-    content-size, well within 30 s, and clamd's peak memory stays under 100 MiB."""
-    started = time.monotonic()
+    content-size within the scanner's 30 s timeout (later would be a timeout
+    result), and clamd's peak memory stays under 100 MiB."""
     result = await with_clamd(built, strict_clamd, flat_bomb)
-    assert time.monotonic() - started < BOMB_SECONDS
     assert result == clamd_failed(ErrorKind.CONTENT_SIZE, "Heuristics.Limits.Exceeded.MaxScanSize")
     assert peak_memory(strict_clamd) < CLAMD_PEAK_BYTES
 
@@ -585,12 +583,10 @@ async def test_zip_bomb_of_one_member_is_clean_to_clamd_and_content_size_to_the_
     strict_clamd: Clamd, built: list[ClamdScanner], single_bomb: bytes
 ) -> None:
     """One member of 200 MiB of zeros with EICAR at its end: clamd inflates 10 MB of it
-    in bounded time and memory and, silently truncated, answers OK (EICAR missed);
-    the built-in scanner stops at 100 MiB with content-size, so the chain reports
-    content-size: never clean."""
-    started = time.monotonic()
+    within the scanner's 30 s timeout and in bounded memory and, silently truncated,
+    answers OK (EICAR missed); the built-in scanner stops at 100 MiB with
+    content-size, so the chain reports content-size: never clean."""
     result = await with_clamd(built, strict_clamd, single_bomb)
-    assert time.monotonic() - started < BOMB_SECONDS
     assert result == CLAMD_CLEAN
     assert peak_memory(strict_clamd) < CLAMD_PEAK_BYTES
     expected = ScanResult.failed(

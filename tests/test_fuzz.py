@@ -16,6 +16,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +30,7 @@ MAX_LINE = 64  # max_line_length: small, so that overlong lines are common
 BUFFER_BOUND = MAX_LINE + 1
 READER_BOUND = 64 * 1024
 PAUSE_BUFFER = 256 * 1024  # server._PAUSE_BUFFER: reading stops above this while busy
+SETTLE_LIMIT = 1024 * 1024  # the most a BDAT chunk left open is completed with
 EHLO = f"EHLO {CLIENT_NAME}\r\n".encode()
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -172,26 +174,28 @@ def feed(session: Session, pieces: list[bytes], check: Callable[[Session], None]
             check(session)
 
 
-def settle(session: Session) -> bool:
-    """End whatever line, message or chunk the input left open; False when a chunk
-    is too large to complete."""
+def settle(session: Session) -> None:
+    """End whatever line, message or chunk the input left open.  A BDAT chunk that
+    still expects more than SETTLE_LIMIT bytes cannot be completed here: the test
+    then fails and says so (the strategies never announce one that large)."""
     proto = session.proto
     session.send(b"\r\n")
     while not session.proto._closing and (proto._chunk is not None or proto._reader is not None):
         if proto._chunk is not None:
-            if proto._chunk.remaining > 1024 * 1024:
-                return False
+            if proto._chunk.remaining > SETTLE_LIMIT:
+                pytest.fail(
+                    f"cannot settle the session: a BDAT chunk still expects {proto._chunk.remaining} bytes, "
+                    f"more than the {SETTLE_LIMIT} this test sends to complete one"
+                )
             session.send(b"x" * proto._chunk.remaining)
         else:
             session.send(b"\r\n.\r\n")
-    return True
 
 
 def assert_in_sync(session: Session) -> None:
     """Once whatever the input left open is ended, the session serves RSET, EHLO and
     a whole transaction as usual, or, if the input closed it, says nothing more."""
-    if not settle(session):
-        return
+    settle(session)
     parse_replies(session.transport.value())
     session.transport.clear()
     if session.proto._closing:
@@ -339,7 +343,8 @@ def test_memory_stays_bounded_over_a_long_random_run() -> None:
             cuts = sorted(rng.randrange(len(stream)) for _ in range(50))
             feed(session, [stream[a:b] for a, b in itertools.pairwise([0, *cuts, len(stream)])])
             parse_replies(session.transport.value())
-            if not settle(session) or session.proto._closing:
+            settle(session)
+            if session.proto._closing:
                 session.lose()
                 session = session.another()
             else:
@@ -353,3 +358,13 @@ def test_memory_stays_bounded_over_a_long_random_run() -> None:
         tracemalloc.stop()
     assert after[-1] - after[9] < 128 * 1024, after
     assert session.factory.connections == 1
+
+
+def test_settle_fails_naming_the_chunk_it_cannot_complete() -> None:
+    """The settle step never gives up silently: a chunk larger than it completes
+    fails the test with the bytes that chunk still expects."""
+    session = fresh()
+    session.send(EHLO, b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\nBDAT 2000000 LAST\r\n")
+    expects = "a BDAT chunk still expects 1999998 bytes, more than the 1048576"  # settle's CRLF went into it
+    with pytest.raises(pytest.fail.Exception, match=expects):
+        settle(session)

@@ -16,13 +16,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtpguard import replies, templates
-from smtpguard.config import Table, options
 from smtpguard.envelope import EnvelopeError, parse_address
 from smtpguard.incident import Incident, Relayed
 from smtpguard.interfaces import INextHop, IRelayedNotifier
 from smtpguard.notifiers.dsn import PLACEHOLDERS, NoticeSettings, admin_notice, relayed_notice, sender_notice
 from smtpguard.notifiers.outbox import Outbox, RetrySettings
 from smtpguard.results import Notice
+from smtpguard.tables import Table, options
 
 log = Logger()
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from smtpguard.config import ConfigError, Table, options
 from smtpguard.policies.default import DefaultPolicy
 from smtpguard.policies.options import build_policy
 from smtpguard.registry import PolicyPlugin, ScannerPlugin
 from smtpguard.scanners.builtin import DEFAULT_TIMEOUT, BuiltinScanner
 from smtpguard.scanners.mimewalk import Limits
 from smtpguard.scanners.signatures import Pattern, SignatureError, Signatures, parse_digests, parse_patterns
+from smtpguard.tables import ConfigError, Table, options
 
 
 def _no_options(kind: str, config: Mapping[str, Any]) -> None:

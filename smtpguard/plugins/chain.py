@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from smtpguard.config import options
 from smtpguard.interfaces import IScanner
 from smtpguard.registry import ScannerPlugin, build_scanner
 from smtpguard.scanners.chain import AllScanners, FailoverScanners
+from smtpguard.tables import options
 
 
 def _chain(config: Mapping[str, Any], reactor: Any) -> IScanner:

@@ -8,10 +8,10 @@ from typing import Any
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 
-from smtpguard.config import options
 from smtpguard.registry import ScannerPlugin
 from smtpguard.scanners.clamd import ClamdScanner, ClamdSettings
 from smtpguard.scanners.clamd_protocol import DEFAULT_STREAM_MAX_LENGTH, parse_size
+from smtpguard.tables import options
 
 DEFAULT_ENDPOINT = "unix:/run/clamav/clamd.ctl"  # Debian's clamav-daemon
 _DEFAULTS = ClamdSettings()

@@ -8,10 +8,10 @@ from typing import Any
 
 from twisted.internet.endpoints import clientFromString
 
-from smtpguard.config import options
 from smtpguard.registry import ScannerPlugin
 from smtpguard.scanners.icap import IcapScanner
 from smtpguard.scanners.icap_protocol import Service, endpoint_service, parse_url
+from smtpguard.tables import options
 
 DEFAULT_SERVICE = "avscan"
 DEFAULT_TIMEOUT = 60.0

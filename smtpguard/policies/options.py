@@ -8,9 +8,9 @@ from typing import Any
 
 import attrs
 
-from smtpguard.config import Table, options
 from smtpguard.policies.default import DefaultPolicy, OnError, OnVirus, PolicySettings, Rule
 from smtpguard.results import ErrorKind
+from smtpguard.tables import Table, options
 
 _DEFAULTS = PolicySettings()
 _FLAGS = (
