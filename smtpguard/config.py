@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from smtpguard.access import AccessRules, Network, networks
+from smtpguard.results import SizeLimit
 from smtpguard.settings import ServerSettings, UpstreamSettings, UpstreamTLS
 from smtpguard.tables import ConfigError, Table, options
 
@@ -35,6 +36,7 @@ class Config:
     listeners: tuple[Listener, ...] = ()
     quarantine: Mapping[str, Any] | None = None  # the [quarantine] table, checked by its builder
     notifications: Mapping[str, Any] | None = None  # the [notifications] table, checked by its builder
+    max_message_size_set: bool = False  # whether [server] gives max_message_size (else: the default)
 
 
 @attrs.frozen
@@ -155,6 +157,28 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         listeners=tuple(listeners),
         quarantine=quarantine,
         notifications=notifications,
+        max_message_size_set="max_message_size" in server.data,
+    )
+
+
+def message_size(config: Config, limit: SizeLimit | None) -> int:
+    """The SIZE to advertise and enforce, given the largest message the scanners
+    take (``limit``): a message under SIZE that no scanner would take could only
+    ever get a scan error.  When ``[server] max_message_size`` is not set, that is
+    the default or ``limit`` if it is smaller; when it is set above ``limit``,
+    smtpguard does not start.
+    """
+    size = config.server.max_message_size
+    if limit is None or size <= limit.size:
+        return size
+    if not config.max_message_size_set:
+        return limit.size
+    setting = limit.setting or "a scanner's limit"
+    advice = f" {limit.advice}" if limit.advice else ""
+    raise ConfigError(
+        f"{config.source}: server.max_message_size: {size} bytes is more than {setting} ({limit.size} bytes),"
+        f" the largest message the scanners take: set max_message_size to {limit.size} or less,"
+        f" or raise {setting}{advice}"
     )
 
 

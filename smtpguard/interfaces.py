@@ -16,7 +16,13 @@ if TYPE_CHECKING:
 
 
 class IScanner(Interface):
-    """Something that looks at a message and says whether it is clean."""
+    """Something that looks at a message and says whether it is clean.
+
+    A scanner that cannot take messages above some size says so with an optional
+    ``max_size`` attribute, a L{smtpguard.results.SizeLimit} (absent or None: no
+    limit): smtpguard then never advertises or accepts a bigger message.  One that
+    holds connections or timers between scans also provides L{IClosable}.
+    """
 
     name = Attribute("A short name for logs and status headers, e.g. ``clamd``.")
 
@@ -25,6 +31,19 @@ class IScanner(Interface):
 
         @return: a Deferred firing with a L{ScanResult}.  A scan failure is an error
             result with an L{ErrorKind}; the Deferred never fails.
+        """
+
+
+class IClosable(Interface):
+    """Something that holds connections or timers between uses, and lets go of
+    them when smtpguard stops."""
+
+    def close() -> Deferred[None]:
+        """Cancel timers and close idle connections; work still in progress keeps
+        what it uses and lets go of it when it ends.
+
+        @return: a Deferred firing with None once everything is released; it
+            never fails.
         """
 
 

@@ -36,6 +36,17 @@ class Threat:
 
 
 @attrs.frozen
+class SizeLimit:
+    """The largest message a scanner takes, in bytes, and where that is set:
+    ``setting`` is the key in the scanner's table (``stream_max_length``), and
+    ``advice`` says what must change with it outside smtpguard, if anything."""
+
+    size: int
+    setting: str = ""
+    advice: str = ""
+
+
+@attrs.frozen
 class ScanResult:
     """The outcome of scanning one message.  ``scanner`` names who produced it."""
 

@@ -7,12 +7,13 @@ reactor and add the returned service to your application.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -26,6 +27,7 @@ from smtpguard.proxyprotocol import ProxyProtocolFactory
 from smtpguard.quarantine import Quarantine, build_quarantine
 from smtpguard.registry import build_policy, build_scanner
 from smtpguard.scanners.chain import AllScanners
+from smtpguard.scanners.optional import close, release, size_limit
 from smtpguard.server import GuardFactory
 from smtpguard.tls import ServerTLS
 from smtpguard.upstream import Upstream
@@ -133,6 +135,12 @@ class Shared:
                 raise ConfigError(f"{config.source}: notifications.{error}") from None
         return cls(build_scanners(config, reactor), Upstream(reactor, config.upstream), quarantine, notifier)
 
+    def close(self) -> Deferred[None]:
+        """Let go of what stays open between sessions: the scanners' connections
+        and timers, and the connections kept to the next hop; never fails."""
+        closing = [close(self.scanner), release("the next hop's kept connections", self.upstream.close)]
+        return gatherResults(closing).addCallback(lambda _: None)
+
 
 def build_factory(
     config: Config, reactor: Any, listener: Listener | None = None, shared: Shared | None = None
@@ -153,7 +161,8 @@ def build_factory(
     spool = config.server.spool_directory
     if spool is not None and not (os.path.isdir(spool) and os.access(spool, os.W_OK | os.X_OK)):
         raise ConfigError(f"{config.source}: server.spool_directory: {spool!r} is not a writable directory")
-    settings = attrs.evolve(config.server, tls=server_tls(config), access=listener.access)
+    size = configuration.message_size(config, size_limit(shared.scanner))
+    settings = attrs.evolve(config.server, tls=server_tls(config), access=listener.access, max_message_size=size)
     return GuardFactory(reactor, shared.upstream, pipeline.process, settings, pipeline.accepts)
 
 
@@ -169,12 +178,20 @@ class Drain(service.Service):
     """Stopped last: the listeners have stopped, then every session is told 421 as
     soon as it does not wait for an outcome, and stopping waits (at most
     ``timeout`` seconds) for the outcomes still pending, so a restart costs no
-    client the reply to a message the next hop already took."""
+    client the reply to a message the next hop already took.  Then ``release``
+    closes what the sessions shared (scanners, kept next-hop connections)."""
 
-    def __init__(self, reactor: Any, factories: list[GuardFactory], timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        factories: list[GuardFactory],
+        timeout: float = 30.0,
+        release: Callable[[], Deferred[None]] | None = None,
+    ) -> None:
         self._reactor = reactor
         self._factories = factories
         self._timeout = timeout
+        self._release = release
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -185,7 +202,9 @@ class Drain(service.Service):
         def settled() -> bool:
             return not any(factory.busy for factory in self._factories) or self._reactor.seconds() >= deadline
 
-        return _poll(self._reactor, settled, 0.05)
+        drained = _poll(self._reactor, settled, 0.05)
+        release = self._release
+        return drained if release is None else drained.addCallback(lambda _: release())
 
 
 def _poll(reactor: Any, done: Any, interval: float) -> Deferred[None]:
@@ -206,11 +225,12 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     shared = Shared.build(config, reactor)
     top = service.MultiService()
     # Services stop in the reverse order: the listeners first, then the draining
-    # sessions, then the notifier (whose notices those sessions may still queue).
+    # sessions (and what they shared, once they are done), then the notifier
+    # (whose notices those sessions may still queue).
     if shared.notifier is not None:
         NotifierService(shared.notifier).setServiceParent(top)  # type: ignore[no-untyped-call]
     factories: list[GuardFactory] = []
-    Drain(reactor, factories).setServiceParent(top)  # type: ignore[no-untyped-call]
+    Drain(reactor, factories, release=shared.close).setServiceParent(top)  # type: ignore[no-untyped-call]
     for listener in config.listeners:
         guard = build_factory(config, reactor, listener, shared)
         factories.append(guard)

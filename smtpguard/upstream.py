@@ -499,11 +499,14 @@ class KeptConnections:
         self._kept = [(kept, expiry) for kept, expiry in self._kept if kept is not protocol]
         _close_unused(protocol)
 
-    def close(self) -> None:
+    def close(self) -> Deferred[None]:
+        """Close every kept connection; fires once they are all gone."""
         kept, self._kept = self._kept, []
         for protocol, expiry in kept:
             expiry.cancel()
             _close_unused(protocol)
+        gone = [protocol.lost for protocol, _ in kept]
+        return defer.gatherResults(gone).addCallback(lambda _: None)
 
 
 def _with_prefix(prefix: bytes, message: Message) -> Iterator[bytes]:
@@ -536,3 +539,8 @@ class Upstream:
 
     def session(self) -> UpstreamSession:
         return UpstreamSession(self._reactor, self._endpoint, self._settings, self._pool)
+
+    def close(self) -> Deferred[None]:
+        """Close the connections kept for later sessions (when the service stops);
+        fires once they are gone."""
+        return self.kept.close()

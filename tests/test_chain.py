@@ -4,18 +4,19 @@ and error handling every scan goes through."""
 from __future__ import annotations
 
 import pytest
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smtpguard.config import ConfigError
 from smtpguard.envelope import Client, Envelope
-from smtpguard.interfaces import IScanner
+from smtpguard.interfaces import IClosable, IScanner
 from smtpguard.registry import build_scanner
-from smtpguard.results import ErrorKind, ScanResult, Threat, Verdict
+from smtpguard.results import ErrorKind, ScanResult, SizeLimit, Threat, Verdict
 from smtpguard.scanners.chain import AllScanners, FailoverScanners
 from smtpguard.scanners.deadline import scan_safely, with_deadline
+from smtpguard.scanners.optional import size_limit
 from smtpguard.spool import Spool
 from smtpguard.testing import FixedScanner
 
@@ -163,3 +164,116 @@ def test_chain_plugin_errors_name_the_key(table, message):
     with pytest.raises(ConfigError) as raised:
         build_scanner(table, Clock(), "f.toml: scanners[0]")
     assert str(raised.value).startswith(message)
+
+
+# -- the largest message a chain takes, and closing it ---------------------------------
+
+
+@implementer(IScanner, IClosable)
+class Held:
+    """A scanner with a size limit (or none) whose close waits until ``closing`` fires."""
+
+    def __init__(self, limit: SizeLimit | None = None, name: str = "held") -> None:
+        self.name = name
+        self.max_size = limit
+        self.closing: Deferred[None] = Deferred()
+        self.closed = 0
+
+    def scan(self, message, envelope):
+        return succeed(CLEAN)
+
+    def close(self) -> Deferred[None]:
+        self.closed += 1
+        return self.closing
+
+
+@implementer(IScanner, IClosable)
+class BrokenClose:
+    name = "broken-close"
+
+    def scan(self, message, envelope):
+        return succeed(CLEAN)
+
+    def close(self) -> Deferred[None]:
+        raise RuntimeError("bug in close")
+
+
+def test_all_takes_the_smallest_limit_named_by_its_table():
+    """Every scanner of an ``all`` chain must take the message: its limit is the
+    smallest of theirs, its setting named as seen from the chain's table."""
+    chain = AllScanners([Held(), Held(SizeLimit(30, "max_size")), Held(SizeLimit(20, "limit", "and the engine's"))])
+    assert chain.max_size == SizeLimit(20, "scanners[2].limit", "and the engine's")
+
+
+def test_all_without_limits_has_none():
+    """No member with a limit, no limit (a scanner without max_size counts as none)."""
+    assert AllScanners([Held(), FixedScanner(CLEAN)]).max_size is None
+
+
+def test_failover_takes_the_largest_limit():
+    """A message too big for one member goes on to the next: a failover chain takes
+    what its most generous member takes."""
+    assert FailoverScanners([Held(SizeLimit(20, "a")), Held(SizeLimit(30, "b"))]).max_size == SizeLimit(
+        30, "scanners[1].b"
+    )
+
+
+def test_failover_with_a_member_without_limit_has_none():
+    """One member that takes any size: the failover chain takes any size."""
+    assert FailoverScanners([Held(SizeLimit(20, "a")), Held()]).max_size is None
+
+
+def test_limit_without_a_setting_is_named_by_the_scanner_table():
+    """A plugin's limit that names no key is reported as its table."""
+    assert AllScanners([Held(), Held(SizeLimit(5))]).max_size == SizeLimit(5, "scanners[1]")
+
+
+def test_limit_of_a_nested_chain_names_the_whole_path():
+    """A clamd inside a chain, inside the [[scanners]] list: the full key."""
+    member = build_scanner(
+        {"type": "chain", "scanners": [{"type": "builtin"}, {"type": "clamd", "stream_max_length": "1M"}]},
+        Clock(),
+        "f.toml: scanners[0]",
+    )
+    limit = AllScanners([member]).max_size
+    assert limit == SizeLimit(
+        1048576, "scanners[0].scanners[1].stream_max_length", "together with StreamMaxLength in clamd.conf"
+    )
+
+
+def test_max_size_that_is_not_a_size_limit_is_refused():
+    """A plugin whose max_size is not a SizeLimit fails loudly, not guessed at."""
+    scanner = Held()
+    scanner.max_size = 1000  # type: ignore[assignment]
+    with pytest.raises(TypeError, match=r"^scanner 'held': max_size must be a SizeLimit or None, got 1000$"):
+        size_limit(scanner)
+
+
+@pytest.mark.parametrize("chain", [AllScanners, FailoverScanners])
+def test_chain_close_closes_every_member_and_waits_for_them(chain):
+    """Closing a chain closes each closable member once and fires when all have
+    closed; members that hold nothing are skipped."""
+    first, second = Held(), Held()
+    closing = chain([first, FixedScanner(CLEAN), second]).close()
+    assert (first.closed, second.closed) == (1, 1)
+    first.closing.callback(None)
+    assert not closing.called
+    second.closing.callback(None)
+    assert closing.called
+
+
+def test_a_failing_close_does_not_keep_the_others_open():
+    """A member whose close raises is logged; the others are still closed and the
+    chain's close still fires."""
+    other = Held()
+    other.closing.callback(None)
+    closing = AllScanners([BrokenClose(), other]).close()
+    assert other.closed == 1
+    assert outcome_of(closing) is None
+
+
+def outcome_of(deferred: Deferred) -> object:
+    results: list = []
+    deferred.addBoth(results.append)
+    assert results, "not fired"
+    return results[0]

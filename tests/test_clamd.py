@@ -34,7 +34,7 @@ from smtpguard.envelope import Client, Envelope
 from smtpguard.interfaces import IScanner, IScannerFactory
 from smtpguard.plugins.clamd import clamd as clamd_plugin
 from smtpguard.registry import build_scanner, factories
-from smtpguard.results import ErrorKind, ScanResult, Threat
+from smtpguard.results import ErrorKind, ScanResult, SizeLimit, Threat
 from smtpguard.scanners import clamd_protocol as wire
 from smtpguard.scanners.clamd import ClamdScanner, ClamdSettings
 from smtpguard.spool import Message, Spool
@@ -520,13 +520,41 @@ def test_hanging_connect_is_a_timeout() -> None:
     assert result_of(scanning) == failed(ErrorKind.TIMEOUT, "no verdict within 3 s")
 
 
-def test_stop_cancels_the_health_checks() -> None:
-    """After ``stop()`` nothing is scheduled any more."""
+def test_close_cancels_the_health_checks() -> None:
+    """``close()`` cancels the next health check and fires at once; a scan that
+    fails afterwards schedules none."""
     clamd, clock = scanner(FakeEndpoint("refuse"))
     assert result_of(clamd.scan(message(CLEAN), ENVELOPE)).error is ErrorKind.ENGINE_NOT_READY
     assert [call.getTime() for call in clock.getDelayedCalls()] == [10.0]
-    clamd.stop()
-    assert not clock.getDelayedCalls()
+    assert clamd.close().called
+    assert clock.getDelayedCalls() == []
+    assert result_of(clamd.scan(message(CLEAN), ENVELOPE)).error is ErrorKind.ENGINE_NOT_READY
+    assert clock.getDelayedCalls() == []
+
+
+def test_close_aborts_a_ping_under_way() -> None:
+    """A PING waiting for its PONG when the scanner closes is aborted, and its
+    timeout cancelled: nothing is left scheduled."""
+    endpoint, other = FakeEndpoint("refuse"), FakeEndpoint()
+    clamd, clock = scanner(endpoint, other, health_check_interval=5)
+    scanning = clamd.scan(message(CLEAN), ENVELOPE)
+    other.drain()
+    other.answer(b"stream: OK\0")
+    assert result_of(scanning) == CLEAN_RESULT
+    endpoint.mode = "connect"
+    clock.advance(5)
+    _, transport = endpoint.last
+    assert transport.value() == b"zPING\0"
+    assert clamd.close().called
+    assert transport.disconnected
+    assert clock.getDelayedCalls() == []
+
+
+def test_max_size_is_stream_max_length() -> None:
+    """The largest message the scanner takes is its stream_max_length, with the
+    key that sets it and clamd.conf's setting that must match."""
+    clamd, _ = scanner(FakeEndpoint(), stream_max_length=1000)
+    assert clamd.max_size == SizeLimit(1000, "stream_max_length", "together with StreamMaxLength in clamd.conf")
 
 
 def test_scanner_provides_iscanner() -> None:
@@ -614,7 +642,7 @@ def built() -> Iterator[list[ClamdScanner]]:
     scanners: list[ClamdScanner] = []
     yield scanners
     for one in scanners:
-        one.stop()
+        one.close()
 
 
 def real(built: list[ClamdScanner], **config: Any) -> ClamdScanner:
@@ -804,12 +832,12 @@ def listening() -> Iterator[list[IListeningPort]]:
         pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
 
 
-async def start_guard(listening: list[IListeningPort], clamd: Clamd, sink: SmtpSink) -> int:
+async def start_guard(listening: list[IListeningPort], clamd: Clamd, sink: SmtpSink, **scanner: Any) -> int:
     config = configuration.parse(
         {
             "server": {"hostname": "guard.test"},
             "upstream": {"endpoint": sink.endpoint},
-            "scanners": [{"type": "clamd", "endpoint": clamd.unix_endpoint, "timeout": 20}],
+            "scanners": [{"type": "clamd", "endpoint": clamd.unix_endpoint, "timeout": 20, **scanner}],
         },
         "clamd-test",
     )
@@ -850,3 +878,56 @@ async def test_proxy_rejects_eicar_attachment_and_relays_clean_mail(
     assert b"X-Virus-Scanned: smtpguard (clamd) on guard.test\n" in dump
     assert b"X-Virus-Status: clean\n" in dump
     assert dump.endswith(b"\nNothing to see here.\n\n")
+
+
+LIMIT = 1024 * 1024
+LINE = b"x" * 78 + b"\r\n"
+
+
+def message_of(size: int) -> bytes:
+    """A message of exactly ``size`` bytes as smtplib sends it (CRLF lines, no
+    line starting with a dot): headers, lines of x, and a last line of y."""
+    head = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: size\r\n\r\n"
+    lines = (size - len(head)) // len(LINE) - 1
+    rest = size - len(head) - lines * len(LINE)
+    return head + LINE * lines + b"y" * (rest - 2) + b"\r\n"
+
+
+def declare(port: int, size: int) -> tuple[str, tuple[int, bytes]]:
+    """EHLO's SIZE, and the reply to a MAIL that declares ``size``."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=20) as client:
+        client.ehlo()
+        return client.esmtp_features["size"], client.mail("alice@example.org", [f"SIZE={size}"])
+
+
+def smtplib_reply(reply: replies.Reply) -> tuple[int, bytes]:
+    return reply.code, f"{reply.enhanced} {reply.text}".encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_advertises_and_enforces_clamds_limit(
+    tmp_path: Path, smtp_sink: SmtpSink, listening: list[IListeningPort]
+) -> None:
+    """clamd's StreamMaxLength and stream_max_length at 1 MiB, max_message_size not
+    set: EHLO advertises SIZE 1048576; MAIL SIZE=1048577 and a message of 1048577
+    bytes get 552 5.3.4 (never a 451 for the sender to retry); a message of exactly
+    1048576 bytes is scanned by clamd and relayed."""
+    assert len(message_of(LIMIT)) == LIMIT
+    engine = Clamd(tmp_path / "clamd", stream_max_length="1M")
+    engine.start()
+    try:
+        port = await start_guard(listening, engine, smtp_sink, stream_max_length="1M")
+        advertised, declared = await threads.deferToThread(declare, port, LIMIT + 1)
+        too_big = await threads.deferToThread(send, port, message_of(LIMIT + 1))
+        exact = await threads.deferToThread(send, port, message_of(LIMIT))
+        dumps = await threads.deferToThread(smtp_sink.messages, 1)
+    finally:
+        engine.stop()
+
+    assert advertised == str(LIMIT)
+    assert declared == too_big == smtplib_reply(replies.MESSAGE_TOO_BIG)
+    assert exact[0] == 250
+    [dump] = dumps
+    assert b"X-Virus-Scanned: smtpguard (clamd) on guard.test\n" in dump
+    assert b"X-Virus-Status: clean\n" in dump
+    assert dump.count(LINE.replace(b"\r\n", b"\n")) == message_of(LIMIT).count(LINE)

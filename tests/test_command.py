@@ -20,6 +20,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -31,7 +32,7 @@ from smtpguard.envelope import Client, Envelope
 from smtpguard.interfaces import IScanner, IScannerFactory
 from smtpguard.plugins import command as command_plugin
 from smtpguard.registry import build_scanner, factories
-from smtpguard.results import ErrorKind, ScanResult, Threat
+from smtpguard.results import ErrorKind, ScanResult, SizeLimit, Threat
 from smtpguard.scanners import command as command_scanner
 from smtpguard.scanners.command import CommandScanner, CommandSettings, InputMode, Outcome, classify
 from smtpguard.spool import Message, Spool
@@ -172,6 +173,25 @@ def test_threat_pattern_must_compile_and_have_a_name_group() -> None:
     assert config_error(command=[PYTHON], threat_pattern="(.*) FOUND") == (
         "threat_pattern: needs a (?P<name>...) group for the threat's name"
     )
+
+
+def test_max_size_is_the_largest_message_passed_to_the_command() -> None:
+    """``max_size`` declares the engine's limit: it is the scanner's max_size, and
+    a bigger message is ``content-size`` without running the command."""
+    # A Clock cannot spawn processes: a run would have been an ``other`` error.
+    limited = CommandScanner(settings(max_size=10), Clock())
+    advice = "together with the engine's own (clamdscan: clamd's StreamMaxLength)"
+    assert limited.max_size == SizeLimit(10, "max_size", advice)
+    results: list[ScanResult] = []
+    limited.scan(message(b"x" * 11), ENVELOPE).addCallback(results.append)
+    assert results == [ScanResult.failed(ErrorKind.CONTENT_SIZE, "11 bytes, more than max_size (10)", "command")]
+
+
+def test_max_size_absent_or_zero_is_no_limit() -> None:
+    """Without ``max_size`` (or with 0) the command takes any size; below 0 is refused."""
+    assert CommandScanner(settings(), reactor).max_size is None
+    assert CommandScanner(settings(max_size=0), reactor).max_size is None
+    assert config_error(command=[PYTHON], max_size=-1) == "max_size: must be 0 (no limit) or more, got -1"
 
 
 def test_unknown_key_is_refused() -> None:

@@ -13,6 +13,7 @@ from zope.interface.verify import verifyObject
 from smtpguard import config, registry
 from smtpguard.config import Config, ConfigError, Listener
 from smtpguard.interfaces import IPolicy, IPolicyFactory, IScanner, IScannerFactory
+from smtpguard.results import SizeLimit
 from smtpguard.server import GuardFactory, ServerSettings
 from smtpguard.tap import Options, build_factory, scanner_table
 from smtpguard.upstream import UpstreamSettings, UpstreamTLS
@@ -121,6 +122,7 @@ def test_full_config():
         tls_key="/etc/key.pem",
         scan_timeout=30.0,
         listeners=(Listener("tcp:2525"), Listener("unix:/run/smtpguard.sock")),
+        max_message_size_set=True,
     )
 
 
@@ -494,3 +496,102 @@ def test_build_factory_bad_policy_option():
         build_factory(loaded, Clock())
     expected = "policy.on_virus: must be one of replace, reject, discard, pass, got 'accept'"
     assert str(caught.value) == f"{SOURCE}: {expected}"
+
+
+# -- SIZE and the largest message the scanners take ------------------------------------
+
+CLAMD = {"type": "clamd", "endpoint": "unix:/run/clamav/clamd.ctl"}
+CLAMD_LIMIT = SizeLimit(26214400, "scanners[0].stream_max_length", "together with StreamMaxLength in clamd.conf")
+
+
+def size_with(limit: SizeLimit | None, **server) -> int:
+    return config.message_size(config.parse(with_values(server=server), SOURCE), limit)
+
+
+def test_size_without_scanner_limit_is_max_message_size():
+    """Scanners that take any size: SIZE is max_message_size, the default or as set."""
+    assert size_with(None) == ServerSettings().max_message_size == 52428800
+    assert size_with(None, max_message_size=100_000_000) == 100_000_000
+
+
+def test_size_not_set_is_the_scanner_limit_when_smaller():
+    """max_message_size not set, a scanner that takes 25 MiB: SIZE is 25 MiB."""
+    assert size_with(CLAMD_LIMIT) == 26214400
+
+
+def test_size_not_set_stays_the_default_below_a_larger_scanner_limit():
+    """A scanner limit above the default does not raise SIZE beyond the default."""
+    assert size_with(SizeLimit(100_000_000, "scanners[0].stream_max_length")) == 52428800
+
+
+def test_size_set_up_to_the_scanner_limit_is_kept():
+    """max_message_size set at or below the scanners' limit is used as it is."""
+    assert size_with(CLAMD_LIMIT, max_message_size=10_000_000) == 10_000_000
+    assert size_with(CLAMD_LIMIT, max_message_size=26214400) == 26214400
+
+
+def test_size_set_above_the_scanner_limit_stops_the_start():
+    """max_message_size set above what a scanner takes: an error naming the file,
+    both keys, both numbers and how to fix it."""
+    with pytest.raises(ConfigError) as caught:
+        size_with(CLAMD_LIMIT, max_message_size=52428800)
+    assert str(caught.value) == (
+        f"{SOURCE}: server.max_message_size: 52428800 bytes is more than scanners[0].stream_max_length"
+        " (26214400 bytes), the largest message the scanners take: set max_message_size to 26214400 or less,"
+        " or raise scanners[0].stream_max_length together with StreamMaxLength in clamd.conf"
+    )
+
+
+def factory_size(**tables) -> int:
+    return build_factory(config.parse(with_values(**tables), SOURCE), Clock()).settings.max_message_size
+
+
+def test_default_config_with_clamd_advertises_its_stream_max_length():
+    """The default configuration with a clamd scanner enforces 25 MiB, clamd's
+    default StreamMaxLength, not 50 MiB."""
+    assert factory_size(scanners=[CLAMD]) == 26214400
+
+
+def test_builtin_scanner_sets_no_limit():
+    """The built-in scanner reads any size (its limits are on decoded content):
+    SIZE stays max_message_size."""
+    assert factory_size(scanners=[{"type": "builtin"}]) == 52428800
+
+
+def test_smallest_limit_of_several_scanners_wins():
+    """Every [[scanners]] table scans every message: the smallest limit is SIZE."""
+    scanners = [{"type": "builtin"}, {**CLAMD, "stream_max_length": "20M"}, {**CLAMD, "endpoint": "tcp:h:3310"}]
+    assert factory_size(scanners=scanners) == 20 * 1024 * 1024
+
+
+def test_build_factory_refuses_max_message_size_above_clamd():
+    """The check runs where the scanners are built (start and check-config)."""
+    loaded = config.parse(with_values(server={"max_message_size": 52428800}, scanners=[CLAMD]), SOURCE)
+    with pytest.raises(ConfigError) as caught:
+        build_factory(loaded, Clock())
+    assert str(caught.value).startswith(
+        f"{SOURCE}: server.max_message_size: 52428800 bytes is more than scanners[0].stream_max_length (26214400 bytes)"
+    )
+
+
+def test_error_names_a_chain_member_by_its_full_key():
+    """A clamd inside a chain is named by its full key."""
+    chain = {"type": "chain", "scanners": [{"type": "builtin"}, {**CLAMD, "stream_max_length": "1M"}]}
+    loaded = config.parse(with_values(server={"max_message_size": 2_000_000}, scanners=[chain]), SOURCE)
+    with pytest.raises(ConfigError) as caught:
+        build_factory(loaded, Clock())
+    assert str(caught.value) == (
+        f"{SOURCE}: server.max_message_size: 2000000 bytes is more than scanners[0].scanners[1].stream_max_length"
+        " (1048576 bytes), the largest message the scanners take: set max_message_size to 1048576 or less,"
+        " or raise scanners[0].scanners[1].stream_max_length together with StreamMaxLength in clamd.conf"
+    )
+
+
+def test_every_listener_enforces_the_same_size():
+    """[[listeners]] take SIZE from [server] (they have no key of their own for it)."""
+    data = with_values(scanners=[CLAMD], listeners=[{"endpoint": "tcp:2525"}])
+    loaded = config.parse(data, SOURCE)
+    sizes = [build_factory(loaded, Clock(), listener).settings.max_message_size for listener in loaded.listeners]
+    assert sizes == [26214400, 26214400]
+    with pytest.raises(ConfigError, match=r"listeners\[0\]\.max_message_size: unknown key"):
+        config.parse(with_values(listeners=[{"endpoint": "tcp:2525", "max_message_size": 1}]), SOURCE)

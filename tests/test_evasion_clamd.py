@@ -148,7 +148,7 @@ def built() -> Iterator[list[ClamdScanner]]:
     scanners: list[ClamdScanner] = []
     yield scanners
     for one in scanners:
-        one.stop()
+        one.close()
 
 
 def clamd_scanner(built: list[ClamdScanner], engine: Clamd) -> ClamdScanner:

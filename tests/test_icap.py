@@ -38,7 +38,7 @@ from smtpguard.envelope import Client, Envelope
 from smtpguard.interfaces import IScanner, IScannerFactory
 from smtpguard.plugins.icap import icap as icap_plugin
 from smtpguard.registry import build_scanner, factories
-from smtpguard.results import ErrorKind, ScanResult, Threat
+from smtpguard.results import ErrorKind, ScanResult, SizeLimit, Threat
 from smtpguard.scanners.icap import IcapConnection, IcapScanner, take
 from smtpguard.scanners.icap_protocol import (
     HTTP_REQUEST,
@@ -57,6 +57,7 @@ from smtpguard.scanners.icap_protocol import (
     parse_url,
     respmod_request,
 )
+from smtpguard.scanners.optional import size_limit
 from smtpguard.spool import Message, Spool
 from tests.conftest import SmtpSink, free_port
 from tests.engines import EICAR, EICAR_SIGNATURE, Clamd
@@ -506,6 +507,29 @@ def test_bad_configuration_names_the_key(config: dict[str, Any], error: str) -> 
     assert str(raised.value).startswith(error)
 
 
+def test_max_size_is_the_largest_message_sent_to_the_server() -> None:
+    """``max_size`` declares the ICAP service's limit: it is the scanner's max_size,
+    a bigger message is ``content-size`` without connecting, one of exactly that
+    size is sent."""
+    endpoint = FakeEndpoint()
+    limited = IcapScanner(Clock(), endpoint, SERVICE, largest_message=10)
+    advice = "together with the ICAP service's own (c-icap: virus_scan.MaxObjectSize)"
+    assert limited.max_size == SizeLimit(10, "max_size", advice)
+    assert result_of(scan(limited, b"x" * 11)) == failed(ErrorKind.CONTENT_SIZE, "11 bytes, more than max_size (10)")
+    assert endpoint.attempts == 0
+    scan(limited, b"x" * 10)
+    assert endpoint.sent() == OPTIONS_REQUEST
+
+
+def test_plugin_reads_max_size() -> None:
+    """``max_size`` in the table limits the scanner; 0 means no limit; below 0 is refused."""
+    built = icap_plugin.build({"url": "icap://h/a", "max_size": 1000}, Clock())
+    assert size_limit(built) is not None and size_limit(built).size == 1000  # type: ignore[union-attr]
+    assert size_limit(icap_plugin.build({"url": "icap://h/a", "max_size": 0}, Clock())) is None
+    with pytest.raises(ConfigError, match=r"^max_size: must be 0 \(no limit\) or more, got -1$"):
+        icap_plugin.build({"url": "icap://h/a", "max_size": -1}, Clock())
+
+
 def test_registry_builds_it_from_a_scanners_table_and_the_command_line_form() -> None:
     """``--scanner icap://...`` becomes {"type": "icap", "url": ...}: it builds."""
     built = build_scanner(tap.scanner_table("icap://127.0.0.1:1344/avscan"), Clock(), "scanners[0]")
@@ -814,6 +838,36 @@ def test_pool_keeps_a_bounded_number_of_idle_connections() -> None:
     assert [result_of(one) for one in scanning] == [clean(), clean()]
     assert icap.pool.idle == 1
     assert [transport.disconnecting for _, transport in endpoint.connections] == [False, True]
+
+
+def test_close_closes_the_idle_connections_and_fires_once_they_are_gone() -> None:
+    """``close()`` closes every idle connection; its Deferred fires when they
+    are lost, not before."""
+    icap, endpoint, _, scanning = ready(preview=1024)
+    endpoint.answer(NO_CONTENT)
+    result_of(scanning)
+    protocol, transport = endpoint.connections[-1]
+    closing = icap.close()
+    assert transport.disconnecting and icap.pool.idle == 0
+    assert not closing.called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert closing.called
+
+
+def test_connection_given_back_after_close_is_closed_not_kept() -> None:
+    """A scan that was under way when the scanner closed closes its connection
+    when it ends, instead of keeping it idle."""
+    icap, endpoint, _, scanning = ready(preview=1024)
+    assert icap.close().called  # nothing idle yet: done at once
+    endpoint.answer(NO_CONTENT)
+    assert result_of(scanning) == clean()
+    assert endpoint.transport.disconnecting and icap.pool.idle == 0
+
+
+def test_icap_scanner_sets_no_size_limit() -> None:
+    """The ICAP server's limits are its own and not announced: no max_size."""
+    icap, _ = scanner(FakeEndpoint())
+    assert size_limit(icap) is None
 
 
 def test_idle_connection_closed_by_the_server_leaves_the_pool() -> None:

@@ -90,7 +90,9 @@ def test_infected(mode, quarantine, notify_sender, notify_admin, null_sender):
 @pytest.mark.parametrize(("quarantine_dropped", "notify_sender", "tag_on_pass", "null_sender"), FLAGS)
 def test_scan_error(kind, mode, quarantine_dropped, notify_sender, tag_on_pass, null_sender):
     """Scan error: drop replaces (sender told when asked), pass delivers (tagged when
-    asked), defer answers 451 4.7.1; never an admin notice."""
+    asked), defer answers 451 4.7.1 (but content-size, which no retry can cure, is
+    rejected), reject answers 552 5.3.4 for content-size and 554 5.7.0 for the
+    other kinds; never an admin notice."""
     policy = DefaultPolicy(
         settings(
             fail_mode=mode,
@@ -102,8 +104,12 @@ def test_scan_error(kind, mode, quarantine_dropped, notify_sender, tag_on_pass, 
     )
     decision = policy.decide(NULL_SENDER if null_sender else ENVELOPE, ScanResult.failed(kind, "x"))
     reason = f"scan error ({kind.value})"
-    if mode is OnError.DEFER:
+    if kind is ErrorKind.CONTENT_SIZE and mode in (OnError.DEFER, OnError.REJECT):
+        assert decision == Decision(Action.REJECT, replies.SCAN_TOO_BIG, reason)
+    elif mode is OnError.DEFER:
         assert decision == Decision(Action.DEFER, replies.SCAN_DEFERRED, reason)
+    elif mode is OnError.REJECT:
+        assert decision == Decision(Action.REJECT, replies.SCAN_REJECTED, reason)
     elif mode is OnError.PASS:
         assert decision == Decision(Action.DELIVER, reason=reason, subject_tag="[unchecked]" if tag_on_pass else None)
     else:
@@ -111,6 +117,21 @@ def test_scan_error(kind, mode, quarantine_dropped, notify_sender, tag_on_pass, 
         assert decision == Decision(
             Action.REPLACE, reason=reason, quarantine=quarantine_dropped, notices=notices, notice=templates.ERROR_NOTICE
         )
+
+
+def test_content_size_is_rejected_by_default():
+    """Without configuration a message too big to scan gets 552 5.3.4 at once:
+    deferring it would only have the sender retry until it gives up."""
+    decision = DefaultPolicy().decide(ENVELOPE, ScanResult.failed(ErrorKind.CONTENT_SIZE, "x"))
+    assert decision == Decision(Action.REJECT, replies.SCAN_TOO_BIG, "scan error (content-size)")
+    assert (replies.SCAN_TOO_BIG.code, replies.SCAN_TOO_BIG.enhanced) == (552, "5.3.4")
+
+
+def test_content_size_is_deferred_only_when_the_fallback_names_it():
+    """content-size = "defer" in [policy.fallback] (or default = "defer") defers it."""
+    for table in ({"content-size": "defer"}, {"default": "defer"}):
+        policy = build_policy({"fallback": table})
+        assert policy.decide(ENVELOPE, ScanResult.failed(ErrorKind.CONTENT_SIZE)).reply == replies.SCAN_DEFERRED
 
 
 def test_fallback_overrides_fail_mode_per_kind():

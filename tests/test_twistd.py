@@ -187,18 +187,34 @@ def test_help_lists_the_options(tmp_path: Path) -> None:
     assert {"--config", "--listen", "--upstream", "--scanner"} <= flags
 
 
+def refused(tmp_path: Path, server: str, scanner: str) -> tuple[Path, str]:
+    """Start twistd with a file of these [server] and [[scanners]] lines; it must
+    exit non-zero.  The file and what twistd said."""
+    config = tmp_path / "smtpguard.toml"
+    config.write_text(
+        f'[server]\n{server}\n[upstream]\nendpoint = "tcp:127.0.0.1:10026"\n[[scanners]]\n{scanner}\n',
+        encoding="utf-8",
+    )
+    result = run([*LAUNCHERS["twistd"], "smtpguard", "--config", str(config)], tmp_path)
+    assert result.returncode != 0
+    return config, result.stdout + result.stderr
+
+
 def test_bad_config_file_stops_twistd_naming_the_key(tmp_path: Path) -> None:
     """max_message_size = "big" makes twistd exit non-zero with a message naming the
     file and server.max_message_size."""
-    config = tmp_path / "bad.toml"
-    config.write_text(
-        '[server]\nmax_message_size = "big"\n'
-        '[upstream]\nendpoint = "tcp:127.0.0.1:10026"\n'
-        '[[scanners]]\ntype = "builtin"\n',
-        encoding="utf-8",
+    config, said = refused(tmp_path, 'max_message_size = "big"', 'type = "builtin"')
+    assert f"{config}: server.max_message_size: expected an integer, got 'big'" in said
+
+
+def test_max_message_size_above_clamds_limit_stops_twistd(tmp_path: Path) -> None:
+    """max_message_size = 52428800 with a clamd scanner (25 MiB by default) makes
+    twistd exit non-zero, naming both keys, both numbers and the fix."""
+    config, said = refused(
+        tmp_path, "max_message_size = 52428800", 'type = "clamd"\nendpoint = "unix:/nonexistent/clamd.ctl"'
     )
-
-    result = run([*LAUNCHERS["twistd"], "smtpguard", "--config", str(config)], tmp_path)
-
-    assert result.returncode != 0
-    assert f"{config}: server.max_message_size: expected an integer, got 'big'" in result.stdout + result.stderr
+    assert (
+        f"{config}: server.max_message_size: 52428800 bytes is more than scanners[0].stream_max_length"
+        " (26214400 bytes), the largest message the scanners take: set max_message_size to 26214400 or less,"
+        " or raise scanners[0].stream_max_length together with StreamMaxLength in clamd.conf"
+    ) in said

@@ -19,6 +19,7 @@ from smtpguard.scanners.command import (
     CommandSettings,
     InputMode,
 )
+from smtpguard.scanners.optional import largest_message
 from smtpguard.tables import Table, options
 
 
@@ -59,6 +60,7 @@ def settings_from_config(config: Mapping[str, Any]) -> CommandSettings:
         threat_pattern=_pattern(table),
         timeout=table.positive("timeout", float, 60.0),
         max_output=table.positive("max_output", int, 64 * 1024),
+        largest_message=largest_message(table),
         directory=table.get("directory", str, None),  # type: ignore[arg-type]
         name=name,
     )

@@ -11,6 +11,7 @@ from twisted.internet.endpoints import clientFromString
 from smtpguard.registry import ScannerPlugin
 from smtpguard.scanners.icap import IcapScanner
 from smtpguard.scanners.icap_protocol import Service, endpoint_service, parse_url
+from smtpguard.scanners.optional import largest_message
 from smtpguard.tables import options
 
 DEFAULT_SERVICE = "avscan"
@@ -48,8 +49,17 @@ def _build(config: Mapping[str, Any], reactor: Any) -> IcapScanner:
     size = preview if isinstance(preview, int) and not isinstance(preview, bool) and preview >= 0 else None
     if preview is not None and preview is not False and size is None:
         raise table.error("preview", f"expected a number of bytes (0 or more) or false, got {preview!r}")
+    largest = largest_message(table)
     table.check_unknown()
-    return IcapScanner(reactor, endpoint, service, timeout=timeout, preview=size, use_preview=preview is not False)
+    return IcapScanner(
+        reactor,
+        endpoint,
+        service,
+        timeout=timeout,
+        preview=size,
+        use_preview=preview is not False,
+        largest_message=largest,
+    )
 
 
 icap = ScannerPlugin(

@@ -34,6 +34,7 @@ class OnError(Enum):
     DROP = "drop"
     PASS = "pass"
     DEFER = "defer"
+    REJECT = "reject"
 
 
 @attrs.frozen
@@ -58,7 +59,12 @@ class PolicySettings:
     forged_sender_threats: tuple[str, ...] = ()
 
     def on_error(self, kind: ErrorKind) -> OnError:
-        return self.fallback.get(kind, self.fail_mode)
+        action = self.fallback.get(kind, self.fail_mode)
+        if action is OnError.DEFER and kind is ErrorKind.CONTENT_SIZE and kind not in self.fallback:
+            # Retrying does not make a message smaller: deferring it would only
+            # bounce it days later.  Deferred only when asked for by name.
+            return OnError.REJECT
+        return action
 
 
 @attrs.frozen
@@ -168,6 +174,9 @@ class DefaultPolicy:
         action = settings.on_error(kind)
         if action is OnError.DEFER:
             return Decision(Action.DEFER, replies.SCAN_DEFERRED, reason)
+        if action is OnError.REJECT:
+            refused = replies.SCAN_TOO_BIG if kind is ErrorKind.CONTENT_SIZE else replies.SCAN_REJECTED
+            return Decision(Action.REJECT, refused, reason)
         if action is OnError.PASS:
             tag = settings.subject_tag if settings.notify_recipient_on_error_pass else None
             return Decision(Action.DELIVER, reason=reason, subject_tag=tag)

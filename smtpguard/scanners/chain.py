@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from smtpguard.envelope import Envelope
-from smtpguard.interfaces import IScanner
-from smtpguard.results import ScanResult, Verdict
+from smtpguard.interfaces import IClosable, IScanner
+from smtpguard.results import ScanResult, SizeLimit, Verdict
 from smtpguard.scanners.deadline import scan_safely
+from smtpguard.scanners.optional import close_all, size_limit
 from smtpguard.spool import Message
 
 
@@ -33,10 +35,27 @@ def _checked(scanners: Sequence[IScanner]) -> tuple[IScanner, ...]:
     return tuple(scanners)
 
 
-@implementer(IScanner)
+def _limits(scanners: Sequence[IScanner]) -> list[SizeLimit | None]:
+    """Each scanner's limit, its setting named as seen from the chain's table
+    (``scanners[1].stream_max_length``)."""
+    limits: list[SizeLimit | None] = []
+    for index, scanner in enumerate(scanners):
+        limit = size_limit(scanner)
+        if limit is not None:
+            where = f"scanners[{index}]"
+            limit = attrs.evolve(limit, setting=f"{where}.{limit.setting}" if limit.setting else where)
+        limits.append(limit)
+    return limits
+
+
+def _size(limit: SizeLimit) -> int:
+    return limit.size
+
+
+@implementer(IScanner, IClosable)
 class AllScanners:
     """Every scanner looks at the message, side by side; it is clean only if all
-    say so."""
+    say so.  So the largest message it takes is the smallest any of them takes."""
 
     def __init__(self, scanners: Sequence[IScanner]) -> None:
         self._scanners = _checked(scanners)
@@ -48,11 +67,21 @@ class AllScanners:
         scans = [scan_safely(scanner, message, envelope) for scanner in self._scanners]
         return defer.gatherResults(scans, consumeErrors=True).addCallback(combine, self.name)
 
+    @property
+    def max_size(self) -> SizeLimit | None:
+        limits = [limit for limit in _limits(self._scanners) if limit is not None]
+        return min(limits, key=_size, default=None)
 
-@implementer(IScanner)
+    def close(self) -> Deferred[None]:
+        return close_all(self._scanners)
+
+
+@implementer(IScanner, IClosable)
 class FailoverScanners:
     """The first scanner decides; the next one is asked only when it could not
-    (an error result), and so on.  When all fail, the last error stands."""
+    (an error result), and so on.  When all fail, the last error stands.  A
+    message too big for one goes on to the next, so the largest message it takes
+    is the largest any of them takes."""
 
     def __init__(self, scanners: Sequence[IScanner]) -> None:
         self._scanners = _checked(scanners)
@@ -68,3 +97,12 @@ class FailoverScanners:
             if result.verdict is not Verdict.ERROR:
                 return result
         return result
+
+    @property
+    def max_size(self) -> SizeLimit | None:
+        limits = _limits(self._scanners)
+        known = [limit for limit in limits if limit is not None]
+        return max(known, key=_size) if len(known) == len(limits) else None
+
+    def close(self) -> Deferred[None]:
+        return close_all(self._scanners)

@@ -17,10 +17,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpguard.envelope import Envelope
-from smtpguard.interfaces import IScanner
-from smtpguard.results import ErrorKind, ScanResult
+from smtpguard.interfaces import IClosable, IScanner
+from smtpguard.results import ErrorKind, ScanResult, SizeLimit
 from smtpguard.scanners import clamd_protocol as wire
 from smtpguard.scanners.deadline import with_deadline
+from smtpguard.scanners.optional import oversize
 from smtpguard.spool import Message
 
 log = Logger()
@@ -197,7 +198,7 @@ class PingProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
-@implementer(IScanner)
+@implementer(IScanner, IClosable)
 class ClamdScanner:
     """Scans with clamd at ``endpoints`` (descriptions and Twisted client endpoints).
 
@@ -222,14 +223,21 @@ class ClamdScanner:
         self._timer: IDelayedCall | None = None
         self._stopped = False
 
+    @property
+    def max_size(self) -> SizeLimit:
+        """Bigger messages are not sent: they are a ``content-size`` error."""
+        return SizeLimit(
+            self._settings.stream_max_length, "stream_max_length", "together with StreamMaxLength in clamd.conf"
+        )
+
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
         scanning = Deferred.fromCoroutine(self._scan(message))
         return with_deadline(scanning, self._settings.timeout, self._reactor, self.name)
 
     async def _scan(self, message: Message) -> ScanResult:
-        limit = self._settings.stream_max_length
-        if message.size > limit:
-            return self._failed(ErrorKind.CONTENT_SIZE, f"{message.size} bytes, more than stream_max_length ({limit})")
+        too_big = oversize(message.size, self.max_size, self.name)
+        if too_big is not None:
+            return too_big
         live = self._in_turn()
         if not live:
             # A Deferred of our own: cancelling the scan ends the wait, not the PINGs.
@@ -349,8 +357,9 @@ class ClamdScanner:
         for waiter in waiting:
             _fire(None, waiter)
 
-    def stop(self) -> None:
-        """Stop the periodic health checks (for a service stopping, and for tests)."""
+    def close(self) -> Deferred[None]:
+        """Stop the health checks: the next one is not scheduled any more, and the
+        PINGs under way are aborted.  Scans under way go on."""
         self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -358,6 +367,7 @@ class ClamdScanner:
         for state in self.endpoints:
             if state.ping is not None:
                 state.ping.cancel()
+        return defer.succeed(None)
 
 
 def _fire(result: object, waiter: Deferred[None]) -> None:

@@ -23,8 +23,9 @@ from zope.interface import implementer
 
 from smtpguard.envelope import Envelope
 from smtpguard.interfaces import IScanner
-from smtpguard.results import ErrorKind, ScanResult, Threat
+from smtpguard.results import ErrorKind, ScanResult, SizeLimit, Threat
 from smtpguard.scanners.deadline import with_deadline
+from smtpguard.scanners.optional import oversize
 from smtpguard.spool import Message
 
 log = Logger()
@@ -59,6 +60,7 @@ class CommandSettings:
     max_output: int = 64 * 1024
     directory: str | None = None
     name: str = "command"
+    largest_message: int | None = None  # bytes the engine behind the command takes
 
 
 @attrs.frozen
@@ -220,7 +222,18 @@ class CommandScanner:
         self.name = settings.name
         self._reactor = reactor
 
+    @property
+    def max_size(self) -> SizeLimit | None:
+        largest = self.settings.largest_message
+        if largest is None:
+            return None
+        advice = "together with the engine's own (clamdscan: clamd's StreamMaxLength)"
+        return SizeLimit(largest, "max_size", advice)
+
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
+        too_big = oversize(message.size, self.max_size, self.name)
+        if too_big is not None:
+            return defer.succeed(too_big)
         try:
             running = self._run(message)
         except Exception:

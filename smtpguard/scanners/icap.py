@@ -10,15 +10,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
 from twisted.internet import error, interfaces
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpguard.envelope import Envelope
-from smtpguard.interfaces import IScanner
-from smtpguard.results import ErrorKind, ScanResult, Verdict
+from smtpguard.interfaces import IClosable, IScanner
+from smtpguard.results import ErrorKind, ScanResult, SizeLimit, Verdict
 from smtpguard.scanners.deadline import with_deadline
 from smtpguard.scanners.icap_protocol import (
     CRLF,
@@ -36,6 +36,7 @@ from smtpguard.scanners.icap_protocol import (
     options_request,
     respmod_request,
 )
+from smtpguard.scanners.optional import oversize
 from smtpguard.spool import Message
 
 log = Logger()
@@ -117,6 +118,7 @@ class IcapConnection(Protocol):
         self.in_use = False
         self.received = False  # any byte of the current exchange
         self.interrupted = False
+        self.gone: Deferred[None] = Deferred()  # fires once the connection is closed
 
     @property
     def usable(self) -> bool:
@@ -190,6 +192,7 @@ class IcapConnection(Protocol):
             self._producer.finish(reason)
         self._deliver()
         self._lost(self)
+        self.gone.callback(None)
 
     def send(self, data: bytes) -> None:
         if self._failure is None and self.transport is not None:
@@ -258,6 +261,7 @@ class ConnectionPool:
         self._size = size
         self._idle: list[IcapConnection] = []
         self._factory = _ConnectionFactory(self._lost)
+        self._closed = False
         self.connections_made = 0
 
     @property
@@ -284,7 +288,7 @@ class ConnectionPool:
 
     def release(self, connection: IcapConnection, keep: bool) -> None:
         connection.end()
-        if keep and connection.usable and len(self._idle) < self._size:
+        if keep and connection.usable and len(self._idle) < self._size and not self._closed:
             self._idle.append(connection)
         else:
             connection.close()
@@ -297,10 +301,14 @@ class ConnectionPool:
         if connection in self._idle:
             self._idle.remove(connection)
 
-    def close(self) -> None:
+    def close(self) -> Deferred[None]:
+        """Close the idle connections, and from now on every connection given back;
+        fires once the idle ones are closed."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
+        return gatherResults([connection.gone for connection in idle]).addCallback(lambda _: None)
 
 
 # -- the scanner ----------------------------------------------------------------------
@@ -336,13 +344,14 @@ def failure_result(problem: Exception, scanner: str) -> ScanResult:
     return ScanResult.failed(ErrorKind.OTHER, str(problem), scanner)
 
 
-@implementer(IScanner)
+@implementer(IScanner, IClosable)
 class IcapScanner:
     """Scans with RESPMOD, after OPTIONS (cached for the server's Options-TTL).
 
     ``preview`` replaces the server's Preview size; ``use_preview=False`` sends
     every message whole without a preview.  ``timeout`` is the hard deadline of
-    one scan, OPTIONS included.
+    one scan, OPTIONS included.  A message over ``largest_message`` bytes is not
+    sent: the server would not scan it.
     """
 
     def __init__(
@@ -355,12 +364,14 @@ class IcapScanner:
         use_preview: bool = True,
         pool_size: int = POOL_SIZE,
         name: str = "icap",
+        largest_message: int | None = None,
     ) -> None:
         self._reactor = reactor
         self._service = service
         self._timeout = timeout
         self._preview = preview
         self._use_preview = use_preview
+        self._largest_message = largest_message
         self.name = name
         self.pool = ConnectionPool(endpoint, pool_size)
         self._options: ServiceOptions | None = None
@@ -369,13 +380,25 @@ class IcapScanner:
         self._fetching = False
         self.options_fetched = 0
 
+    @property
+    def max_size(self) -> SizeLimit | None:
+        if self._largest_message is None:
+            return None
+        return SizeLimit(
+            self._largest_message, "max_size", "together with the ICAP service's own (c-icap: virus_scan.MaxObjectSize)"
+        )
+
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
+        too_big = oversize(message.size, self.max_size, self.name)
+        if too_big is not None:
+            return succeed(too_big)
         scanning = Deferred.fromCoroutine(self._scan(message))
         return with_deadline(scanning, self._timeout, self._reactor, self.name)
 
-    def close(self) -> None:
-        """Close the idle connections (a scan in progress keeps its own)."""
-        self.pool.close()
+    def close(self) -> Deferred[None]:
+        """Close the idle connections; a scan in progress keeps its own until it
+        ends, and then closes it."""
+        return self.pool.close()
 
     # -- OPTIONS, shared and cached
 
