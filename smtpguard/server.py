@@ -23,6 +23,7 @@ from zope.interface.verify import verifyObject
 from smtpguard import replies
 from smtpguard.access import AccessRules, ClientCounters
 from smtpguard.envelope import BodyType, Client, Envelope, EnvelopeError, parse_mail, parse_rcpt
+from smtpguard.inputbuffer import InputBuffer
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
 from smtpguard.spool import Message, Spool, SpoolFull
@@ -63,7 +64,7 @@ class ESMTPServer(Protocol):
     factory: GuardFactory
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = InputBuffer()
         self._busy = False
         self._processing = False
         self._paused = False
@@ -196,7 +197,7 @@ class ESMTPServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._buffer += data
+        self._buffer.append(data)
         if not self._busy:
             self._arm_idle()
         self._process()
@@ -212,11 +213,11 @@ class ESMTPServer(Protocol):
         self._flow_control()
 
     def _process_buffer(self) -> None:
-        while self._buffer and not self._busy and not self._closing:
+        buffer = self._buffer
+        while buffer and not self._busy and not self._closing:
             if self._chunk is not None:
                 chunk = self._chunk
-                taken, self._buffer = self._buffer[: chunk.remaining], self._buffer[chunk.remaining :]
-                chunk.feed(taken)
+                chunk.feed(buffer.take(chunk.remaining))
                 if not chunk.remaining:
                     self._chunk = None
                     self._respond(chunk.done())
@@ -224,13 +225,13 @@ class ESMTPServer(Protocol):
             if self._reader is not None:
                 self._receive_data()
                 continue
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > self.settings.max_line_length + 1:  # + the CR of CRLF
+            raw = buffer.line()
+            if raw is None:
+                if len(buffer) > self.settings.max_line_length + 1:  # + the CR of CRLF
                     self._overlong = True
-                    self._buffer = b""
+                    buffer.clear()
                 break
-            line, self._buffer = self._buffer[:end].rstrip(b"\r"), self._buffer[end + 1 :]
+            line = raw.rstrip(b"\r")
             if self._overlong or len(line) > self.settings.max_line_length:
                 self._overlong = False
                 self._send(replies.LINE_TOO_LONG)
@@ -456,7 +457,7 @@ class ESMTPServer(Protocol):
         self._send(replies.READY_FOR_TLS)
         # RFC 3207: whatever was pipelined after STARTTLS is discarded, and the
         # session starts over once the handshake is done.
-        self._buffer = b""
+        self._buffer.clear()
         self._envelope = None
         if self._relay is not None:
             self._relay.close()
@@ -479,11 +480,21 @@ class ESMTPServer(Protocol):
 
     def _receive_data(self) -> None:
         assert self._reader is not None
-        rest = self._reader.feed(self._buffer)
+        # Out of a backlog of several reads, the reader gets the data up to the
+        # next CRLF "." CRLF only, so what was pipelined after a message is not
+        # copied along with it; a single read goes whole, which copies nothing.
+        # The reader gives back whatever followed the end of data.
+        buffer = self._buffer
+        if buffer.startswith(b".\r\n"):
+            piece = buffer.take(3)  # the end of data, if a line starts here
+        elif buffer.one_read:
+            piece = buffer.take(len(buffer))
+        else:
+            piece = buffer.take_through(b"\r\n.\r\n")
+        rest = self._reader.feed(piece)
         if rest is None:
-            self._buffer = b""
             return
-        self._buffer = rest
+        buffer.unread(len(rest))
         self._reader = None
         self._respond(self._end_of_data())
 
