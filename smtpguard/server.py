@@ -22,6 +22,7 @@ from zope.interface.verify import verifyObject
 
 from smtpguard import replies
 from smtpguard.access import AccessRules, ClientCounters
+from smtpguard.domains import ascii_form
 from smtpguard.envelope import BodyType, Client, Envelope, EnvelopeError, parse_mail, parse_rcpt
 from smtpguard.inputbuffer import InputBuffer
 from smtpguard.interfaces import INextHop, IRelaySession
@@ -295,13 +296,15 @@ class ESMTPServer(Protocol):
         return self._hello(argument, esmtp=False)
 
     def _hello(self, argument: str, esmtp: bool) -> Reply | Deferred[Reply]:
-        name = argument.strip()
-        # The name goes into our reply and the Received: header: no control characters.
-        if not name or " " in name or not name.isprintable():
+        name = argument.strip(" ")
+        # A domain or an address literal, nothing else: the name goes into our
+        # reply, the Received: header and XFORWARD.
+        ascii_name = ascii_form(name)
+        if ascii_name is None:
             return replies.HELO_REQUIRED
         assert self._client is not None
         self._client = attrs.evolve(self._client, helo=name, esmtp=esmtp)
-        greeting = f"{self.settings.hostname} Hello {name}"
+        greeting = f"{self.settings.hostname} Hello {ascii_name}"
         reply = Reply(250, "", "\n".join([greeting, *self._extensions()]) if esmtp else greeting)
         return self._then(self._reset_transaction(), reply)
 

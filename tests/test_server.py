@@ -187,10 +187,12 @@ def transaction_replies(recipients: int = 1, final: Reply = QUEUED) -> list[byte
     ]
 
 
-def trace_headers(transaction_id: str, protocol: str = "ESMTP", recipient: str = RECIPIENT) -> bytes:
+def trace_headers(
+    transaction_id: str, protocol: str = "ESMTP", recipient: str = RECIPIENT, helo: str = CLIENT_NAME
+) -> bytes:
     """What smtpguard puts in front of a clean message it relays."""
     return (
-        f"Received: from {CLIENT_NAME} ([127.0.0.1])\r\n"
+        f"Received: from {helo} ([127.0.0.1])\r\n"
         f"\tby {HOSTNAME} (smtpguard) with {protocol} id {transaction_id}\r\n"
         f"\tfor <{recipient}>; {NOW_RFC2822}\r\n"
         f"X-Virus-Scanned: smtpguard (builtin) on {HOSTNAME}\r\n"
