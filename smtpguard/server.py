@@ -211,6 +211,8 @@ class ESMTPServer(Protocol):
             self._process_buffer()
         finally:
             self._processing = False
+        if not self._buffer:
+            self._buffer.clear()  # an idle session keeps no backlog it has read
         self._flow_control()
 
     def _process_buffer(self) -> None:
