@@ -16,6 +16,7 @@ setup(
         "attrs>=23.1",
         "service-identity>=24.1",
         "pyOpenSSL>=24",
+        "idna>=3.7",  # IDNA 2008 for EHLO names; Twisted already depends on it
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "setuptools>=70.1", "wheel"],

@@ -18,11 +18,12 @@ import base64
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from sidebyside import alternate, child, speed_up, spread, table
 
 HERE = Path(__file__).resolve()
 DEFAULT_REPO = HERE.parent.parent
@@ -125,30 +126,6 @@ def measure(repo: Path, rounds: int, shapes: Sequence[str]) -> dict[str, list[fl
     return results
 
 
-def child(repo: Path, rounds: int, shapes: Sequence[str]) -> dict[str, list[float]]:
-    command = [sys.executable, str(HERE), "--repo", str(repo), "--rounds", str(rounds), "--json"]
-    command += ["--shapes", ",".join(shapes)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
-    results: dict[str, list[float]] = json.loads(done.stdout)
-    return results
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.rjust(width) if i else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [header, ["-" * width for width in widths], *rows]
-    ]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of scans per shape (default 5)")
@@ -165,33 +142,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(measure(arguments.repo, arguments.rounds, shapes)))
         return 0
     sizes = {shape: len(SHAPES[shape]()) for shape in shapes}
+    options = ("--shapes", ",".join(shapes))
     if arguments.baseline is None:
-        current = child(arguments.repo, arguments.rounds, shapes)
+        current = child(HERE, arguments.repo, arguments.rounds, *options)
         rows = [[shape, f"{sizes[shape]:,}", spread(current[shape]), DESCRIPTIONS[shape]] for shape in shapes]
         print(table(["message", "bytes", "CPU ms/msg", "shape"], rows))
         return 0
-    before: dict[str, list[float]] = {shape: [] for shape in shapes}
-    after: dict[str, list[float]] = {shape: [] for shape in shapes}
-    for round_number in range(arguments.rounds):
-        # Alternate which code goes first, so that a noisy neighbour weighs on both alike.
-        order = [(arguments.baseline, before), (arguments.repo, after)]
-        for repo, into in order if round_number % 2 == 0 else reversed(order):
-            for shape, values in child(repo, 1, shapes).items():
-                into[shape].extend(values)
-        print(f"round {round_number + 1}/{arguments.rounds} done", file=sys.stderr)
-    rows = []
-    for shape in shapes:
-        ratio = statistics.median(b / a for b, a in zip(before[shape], after[shape], strict=True))
-        rows.append(
-            [
-                shape,
-                f"{sizes[shape]:,}",
-                spread(before[shape]),
-                spread(after[shape]),
-                f"{ratio:.2f}x",
-                DESCRIPTIONS[shape],
-            ]
-        )
+    before, after = alternate(HERE, arguments.baseline, arguments.repo, arguments.rounds, *options)
+    rows = [
+        [
+            shape,
+            f"{sizes[shape]:,}",
+            spread(before[shape]),
+            spread(after[shape]),
+            f"{speed_up(before[shape], after[shape]):.2f}x",
+            DESCRIPTIONS[shape],
+        ]
+        for shape in shapes
+    ]
     print(table(["message", "bytes", "before CPU ms/msg", "after CPU ms/msg", "speed-up", "shape"], rows))
     return 0
 

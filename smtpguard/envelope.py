@@ -14,6 +14,7 @@ from enum import Enum
 import attrs
 
 from smtpguard import replies, xtext
+from smtpguard.domains import ascii_form
 from smtpguard.replies import Reply
 
 
@@ -57,10 +58,17 @@ class Client:
 
     @property
     def protocol(self) -> str:
-        """The WITH keyword of RFC 3848 for Received: and XFORWARD."""
+        """The WITH keyword of RFC 3848 for XFORWARD, and for Received: without
+        SMTPUTF8 (see :attr:`Envelope.protocol`)."""
         if not self.esmtp:
             return "SMTP"
         return "ESMTPS" if self.tls else "ESMTP"
+
+    @property
+    def helo_ascii(self) -> str:
+        """The HELO name as a header or command without SMTPUTF8 may carry it (its
+        U-labels as A-labels), as for XFORWARD HELO=; empty if there is none."""
+        return ascii_form(self.helo) or ""
 
 
 @attrs.frozen
@@ -93,6 +101,15 @@ class Envelope:
 
     def with_recipient(self, recipient: Recipient) -> Envelope:
         return attrs.evolve(self, recipients=(*self.recipients, recipient))
+
+    @property
+    def protocol(self) -> str:
+        """The WITH keyword for this transaction's Received: header: RFC 6531's
+        UTF8SMTP / UTF8SMTPS for an SMTPUTF8 one (smtpguard offers no AUTH, so
+        never UTF8SMTPA / UTF8SMTPSA)."""
+        if self.parameters.smtputf8:
+            return "UTF8SMTPS" if self.client.tls else "UTF8SMTP"
+        return self.client.protocol
 
 
 _MAIL = re.compile(r"^FROM:\s*<(.*?)>(?:\s+(.*))?$", re.I | re.S)

@@ -39,9 +39,11 @@ def received_header(envelope: Envelope, transaction_id: str, now: float) -> byte
     """The Received: trace header of RFC 5321 section 4.4 for this transaction."""
     client = envelope.client
     literal = f"IPv6:{client.address}" if ":" in client.address else client.address
+    # Only an SMTPUTF8 transaction may carry UTF-8 in its header section.
+    helo = client.helo if envelope.parameters.smtputf8 else client.helo_ascii
     lines = [
-        f"Received: from {client.helo or 'unknown'} ([{literal}])",
-        f"\tby {client.hostname or 'localhost'} (smtpguard) with {client.protocol} id {transaction_id}",
+        f"Received: from {helo or 'unknown'} ([{literal}])",
+        f"\tby {client.hostname or 'localhost'} (smtpguard) with {envelope.protocol} id {transaction_id}",
     ]
     if len(envelope.recipients) == 1:
         lines.append(f"\tfor <{envelope.recipients[0].address}>")

@@ -22,7 +22,9 @@ from zope.interface.verify import verifyObject
 
 from smtpguard import replies
 from smtpguard.access import ClientCounters
+from smtpguard.domains import ascii_form
 from smtpguard.envelope import BodyType, Client, Envelope, EnvelopeError, Recipient, parse_mail, parse_rcpt
+from smtpguard.inputbuffer import InputBuffer
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
 from smtpguard.settings import ServerSettings
@@ -54,7 +56,7 @@ class ESMTPServer(Protocol):
     factory: GuardFactory
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = InputBuffer()
         self._busy = False
         self._processing = False
         self._paused = False
@@ -187,7 +189,7 @@ class ESMTPServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._buffer += data
+        self._buffer.append(data)
         if not self._busy:
             self._arm_idle()
         self._process()
@@ -200,14 +202,16 @@ class ESMTPServer(Protocol):
             self._process_buffer()
         finally:
             self._processing = False
+        if not self._buffer:
+            self._buffer.clear()  # an idle session keeps no backlog it has read
         self._flow_control()
 
     def _process_buffer(self) -> None:
-        while self._buffer and not self._busy and not self._closing:
+        buffer = self._buffer
+        while buffer and not self._busy and not self._closing:
             if self._chunk is not None:
                 chunk = self._chunk
-                taken, self._buffer = self._buffer[: chunk.remaining], self._buffer[chunk.remaining :]
-                chunk.feed(taken)
+                chunk.feed(buffer.take(chunk.remaining))
                 if not chunk.remaining:
                     self._chunk = None
                     self._respond(chunk.done())
@@ -215,13 +219,13 @@ class ESMTPServer(Protocol):
             if self._reader is not None:
                 self._receive_data()
                 continue
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > self.settings.max_line_length + 1:  # + the CR of CRLF
+            raw = buffer.line()
+            if raw is None:
+                if len(buffer) > self.settings.max_line_length + 1:  # + the CR of CRLF
                     self._overlong = True
-                    self._buffer = b""
+                    buffer.clear()
                 break
-            line, self._buffer = self._buffer[:end].rstrip(b"\r"), self._buffer[end + 1 :]
+            line = raw.rstrip(b"\r")
             if self._overlong or len(line) > self.settings.max_line_length:
                 self._overlong = False
                 self._send(replies.LINE_TOO_LONG)
@@ -285,13 +289,15 @@ class ESMTPServer(Protocol):
         return self._hello(argument, esmtp=False)
 
     def _hello(self, argument: str, esmtp: bool) -> Reply | Deferred[Reply]:
-        name = argument.strip()
-        # The name goes into our reply and the Received: header: no control characters.
-        if not name or " " in name or not name.isprintable():
+        name = argument.strip(" ")
+        # A domain or an address literal, nothing else: the name goes into our
+        # reply, the Received: header and XFORWARD.
+        ascii_name = ascii_form(name)
+        if ascii_name is None:
             return replies.HELO_REQUIRED
         assert self._client is not None
         self._client = attrs.evolve(self._client, helo=name, esmtp=esmtp)
-        greeting = f"{self.settings.hostname} Hello {name}"
+        greeting = f"{self.settings.hostname} Hello {ascii_name}"
         reply = Reply(250, "", "\n".join([greeting, *self._extensions()]) if esmtp else greeting)
         return self._then(self._reset_transaction(), reply)
 
@@ -452,7 +458,7 @@ class ESMTPServer(Protocol):
         self._send(replies.READY_FOR_TLS)
         # RFC 3207: whatever was pipelined after STARTTLS is discarded, and the
         # session starts over once the handshake is done.
-        self._buffer = b""
+        self._buffer.clear()
         self._envelope = None
         if self._relay is not None:
             self._relay.close()
@@ -475,11 +481,21 @@ class ESMTPServer(Protocol):
 
     def _receive_data(self) -> None:
         assert self._reader is not None
-        rest = self._reader.feed(self._buffer)
+        # Out of a backlog of several reads, the reader gets the data up to the
+        # next CRLF "." CRLF only, so what was pipelined after a message is not
+        # copied along with it; a single read goes whole, which copies nothing.
+        # The reader gives back whatever followed the end of data.
+        buffer = self._buffer
+        if buffer.startswith(b".\r\n"):
+            piece = buffer.take(3)  # the end of data, if a line starts here
+        elif buffer.one_read:
+            piece = buffer.take(len(buffer))
+        else:
+            piece = buffer.take_through(b"\r\n.\r\n")
+        rest = self._reader.feed(piece)
         if rest is None:
-            self._buffer = b""
             return
-        self._buffer = rest
+        buffer.unread(len(rest))
         self._reader = None
         self._respond(self._end_of_data())
 

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from smtpguard import replies
 from smtpguard.envelope import BodyType, Notify, Return
+from smtpguard.inputbuffer import InputBuffer
 from smtpguard.interfaces import IScanner
 from smtpguard.pipeline import Pipeline
 from smtpguard.policies.default import DefaultPolicy
@@ -186,10 +187,12 @@ def transaction_replies(recipients: int = 1, final: Reply = QUEUED) -> list[byte
     ]
 
 
-def trace_headers(transaction_id: str, protocol: str = "ESMTP", recipient: str = RECIPIENT) -> bytes:
+def trace_headers(
+    transaction_id: str, protocol: str = "ESMTP", recipient: str = RECIPIENT, helo: str = CLIENT_NAME
+) -> bytes:
     """What smtpguard puts in front of a clean message it relays."""
     return (
-        f"Received: from {CLIENT_NAME} ([127.0.0.1])\r\n"
+        f"Received: from {helo} ([127.0.0.1])\r\n"
         f"\tby {HOSTNAME} (smtpguard) with {protocol} id {transaction_id}\r\n"
         f"\tfor <{recipient}>; {NOW_RFC2822}\r\n"
         f"X-Virus-Scanned: smtpguard (builtin) on {HOSTNAME}\r\n"
@@ -718,7 +721,7 @@ def test_regression_endless_body_line_bounded() -> None:
     piece = b"B" * 65536
     for _ in range(64):
         s.send(piece)
-        assert s.proto._buffer == b""
+        assert len(s.proto._buffer) == 0
         assert s.proto._reader is not None and len(s.proto._reader._pending) <= 2 * len(piece)
     s.send(b"\r\n.\r\n")
     assert s.replies() == [replies.START_DATA.to_bytes(), replies.MESSAGE_TOO_BIG.to_bytes()]
@@ -732,6 +735,61 @@ def test_regression_long_body_line_is_data(session: Session) -> None:
     assert session.replies() == transaction_replies()
     assert session.hop.delivered[0].data.endswith(b"\r\n\r\n" + line + b"\r\nQUIT\r\n")
     assert not session.closed
+
+
+class CountingBuffer(InputBuffer):
+    """An InputBuffer that counts the bytes it copies: each one received, each one
+    handed out, and what is left each time the read part is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copied = 0
+
+    def append(self, data: bytes) -> None:
+        self.copied += len(data)
+        super().append(data)
+
+    def _drop_read(self) -> None:
+        self.copied += len(self)
+        super()._drop_read()
+
+    def _take(self, end: int) -> bytes:
+        taken = super()._take(end)
+        self.copied += len(taken)
+        return taken
+
+
+MAIL_WAITING = (f"MAIL FROM:<{SENDER}>\r\n".encode(), [replies.SENDER_OK.to_bytes()])
+BDAT_TRANSACTION = transaction().split(b"DATA\r\n")[0] + f"BDAT {len(MESSAGE)} LAST\r\n".encode() + MESSAGE
+# unit -> (what comes first, and its replies; one unit of the backlog, and its replies)
+BACKLOGS = {
+    "NOOP": (MAIL_WAITING, (b"NOOP\r\n", [replies.OK.to_bytes()])),
+    "DATA": ((b"", []), (transaction(), transaction_replies())),
+    "BDAT": ((b"", []), (BDAT_TRANSACTION, transaction_replies()[:2] + transaction_replies()[3:])),
+}
+
+
+@pytest.mark.parametrize(("unit", "count"), [("NOOP", 10_000), ("DATA", 100), ("BDAT", 100)])
+def test_pipelined_backlog_is_worked_through_in_linear_time(unit: str, count: int) -> None:
+    """A backlog pipelined behind a MAIL that waits for the next hop (NOOPs, or
+    whole transactions with DATA or BDAT, each waiting for the next hop in turn)
+    is answered in order, copying each received byte at most three times: five
+    times the backlog, five times the bytes copied (slicing off the rest of the
+    buffer per command made it 25 times)."""
+    (lead, lead_replies), (wire, heard) = BACKLOGS[unit]
+
+    def copied(units: int) -> int:
+        s = ready()
+        s.proto._buffer = counting = CountingBuffer()
+        s.hop.hold = True
+        s.send(lead + wire * units)
+        s.hop.release()
+        assert s.replies() == lead_replies + heard * units
+        assert counting.copied <= 3 * len(lead + wire * units)
+        return counting.copied
+
+    small, large = copied(count), copied(5 * count)
+    assert 4.9 < large / small < 5.1
 
 
 def test_input_paused_while_busy_with_large_backlog(session: Session) -> None:
@@ -947,6 +1005,22 @@ def test_regression_smtp_smuggling(session: Session, ending: bytes, stored: byte
     assert message.data.endswith(b"Subject: smuggling\r\n\r\nfirst" + stored + SMUGGLED + b"last\r\n")
     assert BARE_CR_OR_LF.search(message.data) is None
     assert session.hop.commands == [f"MAIL {SENDER}", f"RCPT {RECIPIENT}", "DATA"]
+
+
+@pytest.mark.parametrize("cut", range(6))
+@pytest.mark.parametrize("body", [b"Subject: split\r\n\r\nbody\r\n", b""], ids=["message", "empty"])
+def test_end_of_data_split_between_reads(session: Session, body: bytes, cut: int) -> None:
+    """However the end of data is split between two reads, with commands pipelined
+    behind it in the second: the message ends there, whole, and each command after
+    it is answered once."""
+    first = transaction(data=body)
+    wire = first + b"NOOP\r\n" + transaction()
+    at = len(first) - 5 + cut
+    session.send(wire[:at], wire[at:])
+    assert session.replies() == [*transaction_replies(), replies.OK.to_bytes(), *transaction_replies()]
+    split, after = session.hop.delivered
+    assert split.data == trace_headers(transaction_id(split.data)) + body
+    assert after.data == trace_headers(transaction_id(after.data)) + MESSAGE
 
 
 def test_bare_line_endings_normalised(session: Session) -> None:
