@@ -161,7 +161,14 @@ class IRelaySession(Interface):
         """Abandon the current transaction, if any."""
 
     def close() -> None:
-        """End the session (QUIT) and release the connection."""
+        """The client session is over.
+
+        A transaction whose end of data has not reached the next hop is abandoned
+        (nothing is delivered); one whose end of data went out waits for its final
+        reply; then the connection is closed or kept for reuse.  After close(),
+        mail/rcpt/data fire with L{smtpguard.replies.UPSTREAM_UNAVAILABLE} without
+        reaching the next hop.
+        """
 
 
 class INextHop(Interface):

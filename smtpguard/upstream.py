@@ -71,7 +71,7 @@ def _xforward(client: Client, offered: str) -> str | None:
         "ADDR": address,
         "PORT": str(client.port),
         "PROTO": client.protocol,
-        "HELO": client.helo or "[UNAVAILABLE]",
+        "HELO": client.helo_ascii or "[UNAVAILABLE]",
     }
     words = [f"{key}={encode_xtext(value)}" for key, value in values.items() if key in wanted]
     return "XFORWARD " + " ".join(words) if words else None

@@ -10,8 +10,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.strict_hop import HopSettings, StrictHop
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SBIN = ("/usr/sbin", "/usr/lib/postfix/sbin")
@@ -180,3 +183,48 @@ async def listen(listening: list[object], factory: object, description: str = "t
     port = await serverFromString(reactor, description).listen(factory)
     listening.append(port)
     return int(port.getHost().port)
+
+
+class StrictHops:
+    """Starts strict next hops (tests/strict_hop.py) on loopback, port 0, and stops them all."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[StrictHop, Any]] = []
+
+    def __call__(self, **settings: Any) -> StrictHop:
+        """A new StrictHop listening on 127.0.0.1; ``settings`` are HopSettings keys."""
+        from twisted.internet import reactor
+
+        hop = StrictHop(reactor, HopSettings(**settings))
+        # listenTCP rather than an endpoint: it listens at once, so a running test
+        # can start a hop too.
+        port = reactor.listenTCP(0, hop, interface="127.0.0.1")  # type: ignore[attr-defined]
+        hop.port = port.getHost().port
+        self.started.append((hop, port))
+        return hop
+
+    def stop(self) -> None:
+        import pytest_twisted
+        from twisted.internet import defer
+
+        for hop, port in self.started:
+            for connection in hop.connections:
+                connection.abort()
+            stopped = defer.maybeDeferred(port.stopListening)
+            pytest_twisted.blockon(defer.gatherResults([stopped, hop.wait_for_open(0)]))
+
+
+@pytest.fixture
+def strict_hops() -> Iterator[StrictHops]:
+    """``strict_hops(**settings)`` starts a next hop that answers as Postfix's smtpd
+    does (see tests/strict_hop.py for what it records and how to hold it); all are
+    stopped at teardown, their connections aborted."""
+    starter = StrictHops()
+    yield starter
+    starter.stop()
+
+
+@pytest.fixture
+def strict_hop(strict_hops: StrictHops) -> StrictHop:
+    """One strict next hop with Postfix's defaults (tests/strict_hop.py)."""
+    return strict_hops()

@@ -9,7 +9,6 @@ smtpguard while the client blocks.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import re
 import smtplib
@@ -22,10 +21,6 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet import ssl as twisted_ssl
 from twisted.internet.defer import Deferred
@@ -37,6 +32,7 @@ from smtpguard import config as configuration
 from smtpguard import replies, tap
 from smtpguard.capture import capture_factory
 from smtpguard.replies import Reply
+from tests.certificates import throwaway_certificate
 from tests.conftest import LoggingSmtpSink, SinkStarter, free_port, listen
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -316,30 +312,10 @@ class Certificate:
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> Certificate:
     """A self-signed certificate for mail.test.example and 127.0.0.1."""
     directory = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(TLS_NAME), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    key, certificate = throwaway_certificate(TLS_NAME)
     paths = Certificate(directory / "cert.pem", directory / "key.pem")
-    paths.certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    paths.certificate.write_bytes(certificate)
+    paths.key.write_bytes(key)
     return paths
 
 
