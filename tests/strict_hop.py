@@ -151,6 +151,7 @@ class HopConnection:
     tls: bool = False
     in_transaction: bool = False  # a MAIL was accepted and its transaction goes on
     _abort: Callable[[], None] | None = None
+    transport: Any = None  # to stop and resume reading (pauseProducing) from a test
 
     @property
     def open(self) -> bool:
@@ -334,6 +335,7 @@ class StrictHopProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.record = self.factory.opened(self.transport.abortConnection)  # type: ignore[union-attr]
+        self.record.transport = self.transport
         greeting = Reply(220, "", f"{self._settings.hostname} ESMTP Postfix")
         self._answer(self.factory.gates.greeting, "CONNECT", greeting)
 
