@@ -27,7 +27,10 @@ PROBE = (
 # Values: imported by everyone, they import nothing of smtpguard's but each other.
 VALUES = frozenset(
     f"smtpguard.{name}"
-    for name in ("replies", "envelope", "results", "spool", "access", "settings", "tables", "proxyheader", "xtext")
+    for name in (
+        *("replies", "envelope", "results", "spool", "access", "settings", "tables"),
+        *("proxyheader", "xtext", "domains"),
+    )
 )
 # What the parts of a message's path (scanners, policies, notifiers, the quarantine)
 # must never bring in: the protocols on either side, the pipeline that drives them,

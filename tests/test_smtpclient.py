@@ -462,14 +462,23 @@ def test_xforward_only_advertised_attributes():
 
 
 def test_xforward_ipv6_and_xtext():
-    """An IPv6 client is sent as IPV6:..., HELO is xtext-encoded, a missing HELO is [UNAVAILABLE]."""
+    """An IPv6 client is sent as IPV6:..., HELO is xtext-encoded (a general address
+    literal may hold "+" and "=")."""
     relay, hop, _ = session()
-    relay.mail(Envelope(Client("2001:db8::1", 25, helo="a+b=c", esmtp=True, tls=True), ""))
+    relay.mail(Envelope(Client("2001:db8::1", 25, helo="[x-tag:a+b=c]", esmtp=True, tls=True), ""))
     greet(hop, b"250-mx.example\r\n250 XFORWARD NAME ADDR PORT PROTO HELO\r\n")
     hop.expect(
-        b"XFORWARD NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::1 PORT=25 PROTO=ESMTPS HELO=a+2Bb+3Dc\r\n",
+        b"XFORWARD NAME=[UNAVAILABLE] ADDR=IPV6:2001:db8::1 PORT=25 PROTO=ESMTPS HELO=[x-tag:a+2Bb+3Dc]\r\n",
         None,
     )
+
+
+def test_xforward_helo_goes_as_its_a_label():
+    """An internationalised HELO name goes to the next hop in its ASCII (A-label) form."""
+    relay, hop, _ = session()
+    relay.mail(Envelope(Client("192.0.2.1", 25, helo="bücher.example"), ""))
+    greet(hop, b"250-mx.example\r\n250 XFORWARD HELO\r\n")
+    hop.expect(b"XFORWARD HELO=xn--bcher-kva.example\r\n", None)
 
 
 def test_xforward_disabled():
