@@ -33,7 +33,9 @@ class AccessRules:
     """``allowed_clients`` empty: everybody.  Limits of 0: none."""
 
     allowed_clients: tuple[Network, ...] = ()
-    max_connections_per_client: int = 0
+    # As Postfix's smtpd_client_connection_count_limit: one address cannot take
+    # every slot of max_connections.
+    max_connections_per_client: int = 50
     max_messages_per_client: int = 0  # within ``rate_window`` seconds
     rate_window: float = 60.0
 
@@ -42,17 +44,23 @@ class AccessRules:
 
 
 class ClientCounters:
-    """Open connections and recent messages per client address."""
+    """Open connections and recent messages per client address.
+
+    ``refused_connections`` counts the connections refused for
+    ``max_connections_per_client`` since the start, for metrics.
+    """
 
     def __init__(self, rules: AccessRules) -> None:
         self._rules = rules
         self._connections: dict[str, int] = defaultdict(int)
         self._messages: dict[str, deque[float]] = defaultdict(deque)
+        self.refused_connections = 0
 
     def connect(self, address: str) -> bool:
         """Count a new connection; False (and not counted) when over the limit."""
         limit = self._rules.max_connections_per_client
-        if limit and self._connections[address] >= limit:
+        if limit and self._connections.get(address, 0) >= limit:
+            self.refused_connections += 1
             return False
         self._connections[address] += 1
         return True

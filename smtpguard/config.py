@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from smtpguard.access import AccessRules, Network, networks
+from smtpguard.headers import has_control
 from smtpguard.results import SizeLimit
 from smtpguard.settings import ServerSettings, UpstreamSettings, UpstreamTLS
 from smtpguard.tables import ConfigError, Table, options
@@ -72,6 +73,9 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if not listen:
         raise server.error("listen", "at least one endpoint is needed")
     hostname = server.get("hostname", str, "localhost")
+    # It goes into every greeting and Received: header.
+    if not hostname or has_control(hostname) or any(char.isspace() for char in hostname):
+        raise server.error("hostname", f"must be a host name, got {hostname!r}")
     settings = ServerSettings(
         hostname=hostname,
         max_message_size=server.positive("max_message_size", int, _SERVER_DEFAULTS.max_message_size),

@@ -7,7 +7,9 @@ carrying the reply the client should hear.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import string
 from collections.abc import Mapping
 from enum import Enum
 
@@ -15,6 +17,7 @@ import attrs
 
 from smtpguard import replies, xtext
 from smtpguard.domains import ascii_form
+from smtpguard.headers import has_control
 from smtpguard.replies import Reply
 
 
@@ -120,29 +123,89 @@ _LOCAL_PART = re.compile(
     rf'^(?:{_ATOM_CHARS}+(?:\.{_ATOM_CHARS}+)*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*")$'
 )
 _DOMAIN = re.compile(
-    r"^(?:(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?)"
-    r"(?:\.[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?)*"
-    r"|\[[^\[\]\\]+\])$"
+    r"^(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?)"
+    r"(?:\.[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?)*$"
 )
+_LET_DIG = frozenset(string.ascii_letters + string.digits)
+_IPV6_CHARACTERS = frozenset(string.hexdigits + ":.")
 _ESMTP_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _MAX_PATH = 256
 
 
 def parse_address(path: str, error: Reply) -> str:
-    """Validate the inside of ``<...>``; return the address without source route."""
-    path = _SOURCE_ROUTE.sub("", path)
-    if len(path.encode("utf-8")) > _MAX_PATH or "@" not in path:
+    """Validate the inside of ``<...>``; return the address without source route.
+
+    No control character is accepted anywhere, an address literal included
+    (RFC 5321's qtextSMTP, quoted-pairSMTP and dcontent exclude them): an
+    address ends up in header fields, notices and logs.
+    """
+    if has_control(path):
         raise EnvelopeError(error)
-    local, _, domain = path.rpartition("@")
-    if not local or not _LOCAL_PART.match(local) or not _DOMAIN.match(domain):
+    path = _SOURCE_ROUTE.sub("", path)
+    if len(path.encode("utf-8")) > _MAX_PATH:
+        raise EnvelopeError(error)
+    if path.endswith("]"):
+        # A literal holds no "[", so the last "@[" starts it (its dcontent may hold "@").
+        local, at, literal = path.rpartition("@[")
+        valid_domain = _address_literal(literal[:-1])
+    else:
+        local, at, domain = path.rpartition("@")
+        valid_domain = _DOMAIN.match(domain) is not None
+    if not at or not local or not _LOCAL_PART.match(local) or not valid_domain:
         raise EnvelopeError(error)
     return path
 
 
+def _address_literal(text: str) -> bool:
+    """The inside of ``[...]``, RFC 5321 section 4.1.3: an IPv4 address, ``IPv6:``
+    and an IPv6 address, or a General-address-literal (``tag:dcontent``)."""
+    tag, colon, content = text.partition(":")
+    if not colon:
+        return _ipv4_literal(text)
+    if tag.upper() == "IPV6":
+        return _ipv6_literal(content)
+    return (
+        tag.isascii()
+        and bool(tag)
+        and tag[-1] in _LET_DIG
+        and all(char in _LET_DIG or char == "-" for char in tag)
+        and bool(content)
+        and all("!" <= char <= "Z" or "^" <= char <= "~" for char in content)
+    )
+
+
+def _ipv4_literal(text: str) -> bool:
+    """Four Snum of 1 to 3 digits, each at most 255."""
+    parts = text.split(".")
+    return len(parts) == 4 and all(
+        part.isascii() and part.isdigit() and len(part) <= 3 and int(part) <= 255 for part in parts
+    )
+
+
+def _ipv6_literal(text: str) -> bool:
+    """RFC 5321's IPv6-addr: full, compressed (at most 6 groups beside "::"), and
+    either with an IPv4 address at the end (at most 4 groups beside "::")."""
+    if not text or not set(text) <= _IPV6_CHARACTERS:
+        return False  # also keeps out the zone index ipaddress would take
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    if "::" not in text:
+        return True
+    groups = [group for group in text.split(":") if group]
+    return len(groups) <= (5 if "." in text else 6)
+
+
 def parse_parameters(text: str | None) -> dict[str, str | None]:
-    """Split ``KEY[=VALUE] ...`` into an upper-cased mapping, refusing duplicates."""
+    """Split ``KEY[=VALUE] ...`` into an upper-cased mapping, refusing duplicates
+    and control characters (RFC 5321's esmtp-value excludes them)."""
     parameters: dict[str, str | None] = {}
-    for item in (text or "").split():
+    for item in (text or "").replace("\t", " ").split(" "):
+        if not item:
+            continue
+        if has_control(item):
+            raise EnvelopeError(replies.SYNTAX_ERROR)
         key, has_value, value = item.partition("=")
         key = key.upper()
         if not _ESMTP_KEYWORD.match(key) or key in parameters or (has_value and not value):

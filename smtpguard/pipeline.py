@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
-from smtpguard import replies, rewrite, templates
+from smtpguard import headers, replies, rewrite, templates
 from smtpguard.envelope import Envelope, Recipient, downgrade_refusal, relayed_dsn_recipients
 from smtpguard.incident import Incident, Relayed
 from smtpguard.interfaces import (
@@ -42,18 +42,19 @@ def received_header(envelope: Envelope, transaction_id: str, now: float) -> byte
     # Only an SMTPUTF8 transaction may carry UTF-8 in its header section.
     helo = client.helo if envelope.parameters.smtputf8 else client.helo_ascii
     lines = [
-        f"Received: from {helo or 'unknown'} ([{literal}])",
-        f"\tby {client.hostname or 'localhost'} (smtpguard) with {envelope.protocol} id {transaction_id}",
+        f"from {helo or 'unknown'} ([{literal}])",
+        f"by {client.hostname or 'localhost'} (smtpguard) with {envelope.protocol} id {transaction_id}",
     ]
     if len(envelope.recipients) == 1:
-        lines.append(f"\tfor <{envelope.recipients[0].address}>")
+        lines.append(f"for <{envelope.recipients[0].address}>")
     lines[-1] += f"; {format_datetime(datetime.fromtimestamp(now, UTC))}"
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    return headers.field("Received", *lines)
 
 
 def status_headers(result: ScanResult, hostname: str) -> bytes:
-    scanned = f"X-Virus-Scanned: smtpguard ({result.scanner or 'none'}) on {hostname}"
-    return f"{scanned}\r\nX-Virus-Status: {result.status()}\r\n".encode()
+    scanner = result.scanner or "none"
+    scanned = headers.field("X-Virus-Scanned", f"smtpguard ({scanner}) on {hostname or 'localhost'}", text=True)
+    return scanned + headers.field("X-Virus-Status", result.status(), text=True)
 
 
 # Assumed of a next hop whose extensions are not known: what comes goes on.
@@ -171,8 +172,8 @@ class Pipeline:
         section = rewrite.without(incident.headers, rewrite.STATUS_HEADERS)
         if decision.action is Action.REPLACE:
             text = self._replacement(incident)
-            headers = rewrite.notice_headers(section, text)
-            return relay.data(Message.from_bytes(text.encode("utf-8")), trace + headers + b"\r\n")
+            notice = rewrite.notice_headers(section, text)
+            return relay.data(Message.from_bytes(text.encode("utf-8")), trace + notice + b"\r\n")
         if decision.subject_tag:
             section = rewrite.tag_subject(section, decision.subject_tag)
         # A message without the empty line after its header section stays so.

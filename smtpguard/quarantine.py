@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpguard import tables
+from smtpguard import headers, tables
 from smtpguard.envelope import (
     BodyType,
     Client,
@@ -162,7 +162,7 @@ def envelope_of(data: Mapping[str, Any]) -> Envelope:
 
 def released_header(entry_id: str, now: float) -> bytes:
     """The header line prepended to a released message."""
-    return f"{RELEASED_HEADER}: {entry_id}; {format_datetime(datetime.fromtimestamp(now, UTC))}\r\n".encode("ascii")
+    return headers.field(RELEASED_HEADER, f"{entry_id}; {format_datetime(datetime.fromtimestamp(now, UTC))}")
 
 
 def _suffix() -> str:

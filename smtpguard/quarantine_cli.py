@@ -1,5 +1,10 @@
 """``smtpguard quarantine list | show ID | release ID | delete ID``: the quarantine from
-the command line."""
+the command line.
+
+Everything printed may come from a client (addresses, HELO names, subjects,
+headers), so every control character is printed as a visible escape: nothing
+can clear the operator's screen or draw rows of its own.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import attrs
 from smtpguard import config as configuration
 from smtpguard.config import ConfigError
 from smtpguard.envelope import mail_arguments, rcpt_arguments
+from smtpguard.headers import printable
 from smtpguard.quarantine import Quarantine, QuarantineError, build_quarantine, envelope_of
 from smtpguard.replies import Reply
 from smtpguard.settings import UpstreamSettings
@@ -20,6 +26,10 @@ from smtpguard.settings import UpstreamSettings
 # Every parameter is shown, as if the next hop offered every extension.
 _ALL_EXTENSIONS = {"SIZE": "", "8BITMIME": "", "SMTPUTF8": "", "DSN": ""}
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_RAW_TO_TERMINAL = (
+    "show --raw writes the message as received, control characters included: "
+    "redirect it to a file or pipe it into a program, not to a terminal"
+)
 
 
 class _UsageError(Exception):
@@ -84,8 +94,13 @@ def _open_store(arguments: argparse.Namespace, reactor: Any) -> Quarantine:
     return Quarantine(directory, reactor)
 
 
+def _say(line: str, file: Any = None) -> None:
+    """Print ``line`` as one line, its control characters (line breaks included) escaped."""
+    print(printable(line), file=file or sys.stdout)
+
+
 def _failed(error: Exception) -> int:
-    print(f"smtpguard quarantine: {error}", file=sys.stderr)
+    _say(f"smtpguard quarantine: {error}", sys.stderr)
     return EXIT_USAGE if isinstance(error, _UsageError) else EXIT_FAILED
 
 
@@ -95,11 +110,15 @@ def list_entries(arguments: argparse.Namespace) -> int:
         entries = _open_store(arguments, None).list()
     except (ConfigError, QuarantineError, _UsageError) as error:
         return _failed(error)
-    rows = [("ID", "TIME", "SENDER", "RECIPIENTS", "VERDICT")]
-    rows += [(e.id, e.time, f"<{e.sender}>", ",".join(e.recipients), e.status) for e in entries]
+    rows: list[tuple[str, ...]] = [("ID", "TIME", "SENDER", "RECIPIENTS", "VERDICT")]
+    # Escaped before the widths are measured, so the columns stay aligned.
+    rows += [
+        tuple(printable(cell) for cell in (e.id, e.time, f"<{e.sender}>", ",".join(e.recipients), e.status))
+        for e in entries
+    ]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     for row in rows:
-        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[4]]))
+        _say("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[4]]))
     return EXIT_OK
 
 
@@ -138,6 +157,8 @@ def show(arguments: argparse.Namespace) -> int:
         return _failed(error)
     try:
         if arguments.raw:
+            if sys.stdout.isatty():
+                return _failed(_UsageError(_RAW_TO_TERMINAL))
             for chunk in message.chunks():
                 sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
@@ -148,10 +169,11 @@ def show(arguments: argparse.Namespace) -> int:
             return _failed(error)
         except (KeyError, TypeError, AttributeError) as error:
             return _failed(QuarantineError(f"{arguments.id}: the metadata is incomplete ({error!r})"))
-        headers = message.headers().decode("utf-8", "replace").replace("\r\n", "\n")
-        print("\n".join(lines))
-        print()
-        sys.stdout.write(headers)
+        head = message.headers().decode("utf-8", "replace").split("\r\n")
+        if head[-1] == "":
+            del head[-1]  # the end of the last line, not a line
+        for line in [*lines, "", *head]:
+            _say(line)
     finally:
         message.close()
     return EXIT_OK
@@ -164,7 +186,7 @@ def delete(arguments: argparse.Namespace) -> int:
         return _failed(error)
     except OSError as error:
         return _failed(Exception(f"{arguments.id}: cannot delete: {error.strerror}"))
-    print(f"{arguments.id}: deleted")
+    _say(f"{arguments.id}: deleted")
     return EXIT_OK
 
 
@@ -187,8 +209,8 @@ def upstream_settings(arguments: argparse.Namespace) -> UpstreamSettings:
     return attrs.evolve(settings, keep_connections=0)
 
 
-def _reply_line(reply: Reply) -> str:
-    return reply.to_bytes().decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n")
+def _reply_lines(reply: Reply) -> list[str]:
+    return reply.to_bytes().decode("utf-8", "replace").split("\r\n")[:-1]
 
 
 def release(arguments: argparse.Namespace) -> int:
@@ -209,7 +231,8 @@ def release(arguments: argparse.Namespace) -> int:
             return succeed(_failed(Exception(f"bad next hop endpoint: {error}")))
 
         def replied(reply: Reply) -> int:
-            print(_reply_line(reply))
+            for line in _reply_lines(reply):
+                _say(line)
             return EXIT_OK if reply.code == 250 else EXIT_FAILED
 
         def failed(failure: Failure) -> int:

@@ -8,13 +8,15 @@ Header sections are handled as raw bytes with CRLF line endings; folded fields
 from __future__ import annotations
 
 import re
-from email.header import Header
+
+from smtpguard import headers
 
 STATUS_HEADERS = frozenset({b"x-virus-scanned", b"x-virus-status"})
 CONTENT_HEADERS = frozenset(
     {b"mime-version", b"content-type", b"content-transfer-encoding", b"content-disposition", b"content-id"}
 )
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_ENCODED_SPACE = b"=?us-ascii?q?_?="
 
 
 def fields(section: bytes) -> list[bytes]:
@@ -43,24 +45,23 @@ def without(section: bytes, names: frozenset[bytes]) -> bytes:
 
 
 def tag_subject(section: bytes, tag: str) -> bytes:
-    """``section`` (without empty line) with ``tag`` appended to the Subject, on a
-    continuation line of its own so that no line grows; RFC 2047 encoded when
+    """``section`` (without empty line) with ``tag`` appended to the Subject, on
+    continuation lines of its own so that no line grows; RFC 2047 encoded when
     the tag is not ASCII.  A message without Subject gets one."""
+    added = headers.field("Subject", tag, text=True)
+    if added == b"Subject:\r\n":
+        return section  # a tag of white space only: nothing to add
     kept = fields(section)
     for index, field in enumerate(kept):
         if field_name(field) == b"subject":
+            continuation = added[len(b"Subject:") :]
             # Between two encoded-words white space vanishes when decoded: then
-            # the separating space must be inside the encoded tag.
-            after_encoded_word = field.rstrip().endswith(b"?=")
-            kept[index] = field[:-2] + b"\r\n " + _encoded(tag, after_encoded_word) + b"\r\n"
+            # the separating space must be an encoded-word of its own.
+            if field.rstrip().endswith(b"?=") and continuation.startswith(b" =?"):
+                continuation = b" " + _ENCODED_SPACE + b"\r\n" + continuation
+            kept[index] = field[:-2] + b"\r\n" + continuation
             return b"".join(kept)
-    return b"".join(kept) + b"Subject: " + _encoded(tag, False) + b"\r\n"
-
-
-def _encoded(text: str, leading_space: bool) -> bytes:
-    if text.isascii():
-        return text.encode("ascii")
-    return Header((" " if leading_space else "") + text, "utf-8").encode().encode("ascii")
+    return b"".join(kept) + added
 
 
 def subject(section: bytes) -> str:
@@ -82,6 +83,9 @@ def notice_headers(section: bytes, text: str) -> bytes:
     text/plain ``text`` (8bit UTF-8 only when it needs to be)."""
     kept = without(section, CONTENT_HEADERS)
     charset, encoding = ("us-ascii", "7bit") if text.isascii() else ("utf-8", "8bit")
-    return kept + (
-        f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset={charset}\r\nContent-Transfer-Encoding: {encoding}\r\n"
-    ).encode("ascii")
+    return (
+        kept
+        + headers.field("MIME-Version", "1.0")
+        + headers.field("Content-Type", f"text/plain; charset={charset}")
+        + headers.field("Content-Transfer-Encoding", encoding)
+    )

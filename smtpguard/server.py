@@ -598,3 +598,8 @@ class GuardFactory(Factory):
     @property
     def busy(self) -> bool:
         return any(session.busy for session in self.sessions)
+
+    @property
+    def refused_client_connections(self) -> int:
+        """Connections refused for ``max_connections_per_client`` since the start (for metrics)."""
+        return self.clients.refused_connections

@@ -1,6 +1,7 @@
 """Texts with placeholders: the notices that replace a dropped message, and the
 texts of notifications.  Placeholders are ``{name}``; an unknown name stays as
-written, so a typo shows instead of failing."""
+written, so a typo shows instead of failing.  Values are made printable before
+they go in: a decoded subject or a client's HELO cannot add a line to a notice."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import string
 from collections.abc import Mapping
 
 from smtpguard.envelope import Envelope
+from smtpguard.headers import printable
 from smtpguard.results import ScanResult
 
 VIRUS_NOTICE = "Your mail {client}-{server} contains contaminated file {file} with virus {threat}, so it is dropped."
@@ -22,7 +24,10 @@ class _Lenient(dict[str, str]):
 
 
 def render(template: str, values: Mapping[str, str]) -> str:
-    return string.Formatter().vformat(template, (), _Lenient(values))
+    """``template`` filled in with ``values``, each on one line: a tab becomes a
+    space, every other control character (a CR, an LF) a visible escape."""
+    safe = {name: printable(value.replace("\t", " ")) for name, value in values.items()}
+    return string.Formatter().vformat(template, (), _Lenient(safe))
 
 
 def values(envelope: Envelope, result: ScanResult, reason: str, subject: str, queue_id: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import smtplib
 import socket
 import struct
 from pathlib import Path
@@ -12,6 +13,10 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from smtpguard import config as configuration
 from smtpguard import replies, tap
@@ -19,8 +24,12 @@ from smtpguard.access import AccessRules, ClientCounters, networks
 from smtpguard.capture import capture_factory
 from smtpguard.config import ConfigError
 from smtpguard.proxyprotocol import ProxyProtocolFactory
+from smtpguard.replies import Reply
+from smtpguard.server import ESMTPServer
 from tests.conftest import listen
-from tests.test_server import HOSTNAME, Session
+from tests.test_hostile import FOLLOW_UP, GREETING, RawClient, open_silent
+from tests.test_integration import guard_config, lf
+from tests.test_server import HOST, HOSTNAME, Session
 
 # -- unit: admission and limits -------------------------------------------------------
 
@@ -216,3 +225,98 @@ async def test_allowed_clients_apply_to_the_proxied_address(listening, tmp_path)
     port, _ = await proxied_guard(listening, tmp_path, allowed_clients=["127.0.0.0/8"])
     said = await threads.deferToThread(converse, port, b"PROXY TCP4 203.0.113.5 198.51.100.1 40000 25\r\n")
     assert said == replies.ACCESS_DENIED.to_bytes()
+
+
+# -- crowds: one address cannot take every slot ------------------------------------------
+
+
+def connect_from(session: Session, host: str) -> tuple[ESMTPServer, StringTransport]:
+    """A further connection to ``session``'s factory from ``host``."""
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000), hostAddress=HOST)
+    proto: ESMTPServer = session.factory.buildProtocol(transport.getPeer())  # type: ignore[assignment]
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_a_thousand_idle_connections_from_one_address_leave_room_for_others() -> None:
+    """With the default settings, 1,000 idle connections from one address: 50 are
+    greeted, 950 hear 421 4.7.0 and are closed, and a client from another address
+    is still greeted; the factory counts the 950 refusals."""
+    session = Session.open()
+    session.replies()
+    greeted = refused = 0
+    for _ in range(1000):
+        proto, transport = connect_from(session, "192.0.2.66")
+        if transport.value() == replies.TOO_MANY_CLIENT_CONNECTIONS.to_bytes() and transport.disconnecting:
+            refused += 1
+            proto.connectionLost(Failure(ConnectionDone()))
+        elif transport.value().startswith(b"220 "):
+            greeted += 1
+    _, other = connect_from(session, "198.51.100.7")
+
+    assert (greeted, refused) == (50, 950)
+    assert other.value() == replies.SERVICE_READY.with_text(f"{HOSTNAME} ESMTP smtpguard").to_bytes()
+    assert session.factory.refused_client_connections == 950
+
+
+def test_per_client_limit_is_50_by_default_and_0_turns_it_off() -> None:
+    """max_connections_per_client is 50 unless set; 0 means no limit."""
+    base = {"upstream": {"endpoint": "tcp:127.0.0.1:1"}, "scanners": [{"type": "builtin"}]}
+    assert configuration.parse(base, "f.toml").server.access.max_connections_per_client == 50
+    unlimited = configuration.parse({**base, "server": {"max_connections_per_client": 0}}, "f.toml")
+    session = Session.open(access=unlimited.server.access)
+    transports = [connect_from(session, "192.0.2.66")[1] for _ in range(60)]
+    assert all(transport.value().startswith(b"220 ") for transport in transports)
+    assert session.factory.refused_client_connections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_crowd_from_one_address_on_real_sockets(listening, smtp_sink) -> None:
+    """Over real sockets with the default settings: of 60 silent connections from
+    127.0.0.1, 50 are greeted and 10 hear 421 4.7.0 and are closed; meanwhile a
+    client from 127.0.0.2 sends a message that reaches smtp-sink."""
+    factory = tap.build_factory(guard_config(smtp_sink.endpoint), reactor)
+    port = await listen(listening, factory, "tcp:0:interface=127.0.0.1:backlog=128")
+    opened = await threads.deferToThread(open_silent, port, 60)
+    try:
+        answers = [reply for _, reply in opened]
+        assert answers == [GREETING] * 50 + [replies.TOO_MANY_CLIENT_CONNECTIONS] * 10
+        closed = await threads.deferToThread(lambda: [client.closed_by_server() for client, _ in opened[50:]])
+        assert closed == [True] * 10
+        sent = await threads.deferToThread(send_from, "127.0.0.2", port, FOLLOW_UP)
+        assert sent == [(250, b"2.1.0 Ok"), (250, b"2.1.5 Ok"), (250, b"2.0.0 Ok")]
+        [dump] = await threads.deferToThread(smtp_sink.messages, 1)
+        assert dump.endswith(lf(FOLLOW_UP) + b"\n")
+        assert factory.refused_client_connections == 10
+    finally:
+        for client, _ in opened:
+            client.close()
+
+
+def send_from(source: str, port: int, message: bytes) -> list[tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", source_address=(source, 0)) as client:
+        client.ehlo()
+        return [client.mail("alice@example.org"), client.rcpt("bob@example.net"), client.data(message)]
+
+
+def proxied_greeting(port: int, source: str) -> tuple[RawClient, Reply]:
+    """A connection through the proxy for the real client ``source``, left open, and its first reply."""
+    client = RawClient(port, timeout=10.0)
+    client.send(f"PROXY TCP4 {source} 198.51.100.1 40000 25\r\n".encode())
+    return client, client.reply()
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_protocol_listener_counts_the_real_client(listening, tmp_path) -> None:
+    """Behind a PROXY-protocol proxy (every connection from 127.0.0.1), the limit
+    applies to the real client: a second connection of 203.0.113.5 hears 421
+    4.7.0 while 203.0.113.6, through the same proxy, is greeted."""
+    port, _ = await proxied_guard(listening, tmp_path, max_connections_per_client=1)
+    first, first_reply = await threads.deferToThread(proxied_greeting, port, "203.0.113.5")
+    second, second_reply = await threads.deferToThread(proxied_greeting, port, "203.0.113.5")
+    other, other_reply = await threads.deferToThread(proxied_greeting, port, "203.0.113.6")
+    for client in (first, second, other):
+        client.close()
+
+    greeting = replies.SERVICE_READY.with_text("localhost ESMTP smtpguard")
+    assert (first_reply, second_reply, other_reply) == (greeting, replies.TOO_MANY_CLIENT_CONNECTIONS, greeting)

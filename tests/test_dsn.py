@@ -218,14 +218,15 @@ def test_dsn_text_and_subject_from_custom_templates() -> None:
 
 
 def test_dsn_subject_is_encoded_and_kept_on_one_logical_line() -> None:
-    """A non-ASCII subject with line breaks becomes one RFC 2047 encoded Subject:
-    nothing from the original can add a header to the notice."""
+    """A non-ASCII subject with line breaks becomes one RFC 2047 encoded Subject,
+    the line breaks shown as escapes: nothing from the original can add a header
+    to the notice."""
     settings = attrs.evolve(SETTINGS, sender_subject="Undelivered: {subject}")
     data = sender_notice(incident(subject="caf\u00e9\r\nBcc: victim@example.com"), settings, NOW, "t0ken")
     message = parse(data)
 
     assert data is not None and data.isascii()
-    assert message["Subject"] == "Undelivered: caf\u00e9 Bcc: victim@example.com"
+    assert message["Subject"] == "Undelivered: caf\u00e9\\x0d\\x0aBcc: victim@example.com"
     assert message["Bcc"] is None
 
 

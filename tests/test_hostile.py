@@ -416,11 +416,15 @@ def send_with_smtplib(port: int, message: bytes) -> list[tuple[int, bytes]]:
 async def test_connections_beyond_max_connections_are_refused_and_cleaned_up(
     listening: list[IListeningPort], smtp_sink: SmtpSink
 ) -> None:
-    """200 silent connections with max_connections = 100: 100 are greeted, 100 get
-    421 4.7.0 and are closed; an ordinary client is refused while all slots are
-    taken and served once some close; at the end the factory counts 0 connections."""
+    """200 silent connections with max_connections = 100 (and no per-client limit,
+    since all come from 127.0.0.1): 100 are greeted, 100 get 421 4.7.0 and are
+    closed; an ordinary client is refused while all slots are taken and served
+    once some close; at the end the factory counts 0 connections."""
     factory, port = await start(
-        listening, smtp_sink.endpoint, {"max_connections": 100}, "tcp:0:interface=127.0.0.1:backlog=512"
+        listening,
+        smtp_sink.endpoint,
+        {"max_connections": 100, "max_connections_per_client": 0},
+        "tcp:0:interface=127.0.0.1:backlog=512",
     )
     opened = await in_thread(open_silent, port, 200)
     try:

@@ -676,11 +676,12 @@ def test_command_list(filled: tuple[Path, list[str]], tmp_path: Path) -> None:
 
 def test_command_show(filled: tuple[Path, list[str]], tmp_path: Path) -> None:
     """`quarantine show ID` prints the metadata, an empty line and the message's
-    header section (the options may also follow the action)."""
+    header section, the tab of a folded line shown as an escape like any control
+    character (the options may also follow the action)."""
     directory, (first, _) = filled
     done = smtpguard("quarantine", "show", first, "--directory", str(directory), cwd=tmp_path)
     assert (done.returncode, done.stderr) == (0, b"")
-    head = MESSAGE.split(b"\r\n\r\n")[0].replace(b"\r\n", b"\n").decode()
+    head = MESSAGE.split(b"\r\n\r\n")[0].replace(b"\r\n", b"\n").replace(b"\t", b"\\x09").decode()
     assert done.stdout.decode() == (
         f"id:          {first}\n"
         "time:        2026-11-29T22:45:01Z\n"

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import quopri
 import re
-from collections.abc import Mapping
 from datetime import UTC, datetime
-from email.header import Header
 from email.utils import format_datetime, formataddr
 
 import attrs
 
-from smtpguard import templates, xtext
+from smtpguard import headers, templates, xtext
 from smtpguard.envelope import Envelope, Notify, Recipient
 from smtpguard.incident import Incident, Relayed
 from smtpguard.replies import Reply
@@ -179,7 +177,7 @@ def relayed_notice(
 def _report(
     incident: Incident,
     recipients: tuple[Recipient, ...],
-    groups: list[str],
+    groups: list[bytes],
     texts: tuple[str, str, str],
     settings: NoticeSettings,
     now: float,
@@ -204,7 +202,7 @@ def _report(
         now=now,
         token=token,
         auto_submitted="auto-replied",
-        content_type=f'multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        content_type=f'multipart/report; report-type=delivery-status;\nboundary="{boundary}"',
     )
     parts = [
         _part("text/plain", _crlf(text.encode("utf-8")), "Notification"),
@@ -215,7 +213,7 @@ def _report(
     for part in parts:
         body += b"\r\n--" + boundary.encode("ascii") + b"\r\n" + part
     body += b"\r\n--" + boundary.encode("ascii") + b"--\r\n"
-    return head + b"MIME-Version: 1.0\r\n\r\n" + body
+    return head + headers.field("MIME-Version", "1.0") + b"\r\n" + body
 
 
 def admin_notice(incident: Incident, settings: NoticeSettings, now: float, token: str) -> bytes | None:
@@ -239,53 +237,62 @@ def admin_notice(incident: Incident, settings: NoticeSettings, now: float, token
         auto_submitted="auto-generated",
         content_type=f"text/plain; charset={charset}",
     )
-    return head + f"MIME-Version: 1.0\r\nContent-Transfer-Encoding: {encoding}\r\n\r\n".encode("ascii") + body
+    return (
+        head
+        + headers.field("MIME-Version", "1.0")
+        + headers.field("Content-Transfer-Encoding", encoding)
+        + b"\r\n"
+        + body
+    )
 
 
 def _header_section(
     settings: NoticeSettings, to: str, subject: str, now: float, token: str, auto_submitted: str, content_type: str
 ) -> bytes:
-    lines = [
-        f"From: {formataddr((settings.from_name, settings.from_address))}",
-        f"To: <{to}>",
-        f"Subject: {_header_text(subject)}",
-        f"Date: {rfc5322_date(now)}",
-        f"Message-ID: <{token}@{settings.hostname}>",
-        # RFC 3834: no automatic reply to this one.
-        f"Auto-Submitted: {auto_submitted}",
-        f"Content-Type: {content_type}",
-    ]
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+    return b"".join(
+        [
+            headers.field("From", formataddr((settings.from_name, settings.from_address))),
+            headers.field("To", f"<{to}>"),
+            headers.field("Subject", subject, text=True),
+            headers.field("Date", rfc5322_date(now)),
+            headers.field("Message-ID", f"<{token}@{settings.hostname}>"),
+            # RFC 3834: no automatic reply to this one.
+            headers.field("Auto-Submitted", auto_submitted),
+            headers.field("Content-Type", *content_type.split("\n")),
+        ]
+    )
 
 
-def _header_text(text: str) -> str:
-    """``text`` as an unstructured header value: one logical line, folded, and
-    RFC 2047 encoded when it is not ASCII (a subject may carry anything)."""
-    text = " ".join(text.split())
-    return Header(text, "us-ascii" if text.isascii() else "utf-8").encode(linesep="\r\n")
-
-
-def _delivery_status(incident: Incident, groups: list[str], hostname: str) -> bytes:
+def _delivery_status(incident: Incident, groups: list[bytes], hostname: str) -> bytes:
     """The message/delivery-status content (RFC 3464 section 2.1): per-message
     fields, then ``groups``, one per recipient; 7-bit by definition."""
     envid = incident.envelope.parameters.envid
-    fields = [f"Original-Envelope-Id: {_printable(envid)}"] if envid is not None else []
-    fields += [f"Reporting-MTA: dns; {hostname}", f"Arrival-Date: {rfc5322_date(incident.time)}"]
-    return ("\r\n\r\n".join(["\r\n".join(fields), *groups]) + "\r\n").encode("ascii")
+    fields = [headers.field("Original-Envelope-Id", _printable(envid))] if envid is not None else []
+    fields += [
+        headers.field("Reporting-MTA", f"dns; {hostname}"),
+        headers.field("Arrival-Date", rfc5322_date(incident.time)),
+    ]
+    report = b"\r\n".join([b"".join(fields), *groups])
+    report.decode("ascii")  # 7-bit, or this notice is not built
+    return report
 
 
 def _recipient_fields(
     recipient: Recipient, action: str, status: str, diagnostic: str, remote_mta: str | None = None
-) -> str:
+) -> bytes:
     """One recipient's fields of a message/delivery-status (RFC 3464 section 2.3)."""
     fields = []
     if recipient.parameters.orcpt is not None:
-        fields.append(f"Original-Recipient: {xtext.original_recipient_field(recipient.parameters.orcpt)}")
-    fields += [f"Final-Recipient: {_address_field(recipient.address)}", f"Action: {action}", f"Status: {status}"]
+        fields.append(headers.field("Original-Recipient", xtext.original_recipient_field(recipient.parameters.orcpt)))
+    fields += [
+        headers.field("Final-Recipient", _address_field(recipient.address)),
+        headers.field("Action", action),
+        headers.field("Status", status),
+    ]
     if remote_mta is not None:
-        fields.append(f"Remote-MTA: {remote_mta}")
-    fields.append(f"Diagnostic-Code: smtp; {diagnostic}")
-    return "\r\n".join(fields)
+        fields.append(headers.field("Remote-MTA", remote_mta))
+    fields.append(headers.field("Diagnostic-Code", f"smtp; {diagnostic}"))
+    return b"".join(fields)
 
 
 def _reply_line(reply: Reply) -> str:
@@ -327,17 +334,12 @@ def _transfer_encoding(data: bytes) -> tuple[str, bytes]:
 
 
 def _part(content_type: str, content: bytes, description: str) -> bytes:
-    headers: Mapping[str, str]
+    fields = [headers.field("Content-Description", description)]
     if content_type == "message/delivery-status":
-        headers = {"Content-Description": description, "Content-Type": content_type}
+        fields.append(headers.field("Content-Type", content_type))
     else:
         encoding, content = _transfer_encoding(content)
         if content_type == "text/plain":
             content_type += "; charset=" + ("us-ascii" if encoding == "7bit" else "utf-8")
-        headers = {
-            "Content-Description": description,
-            "Content-Type": content_type,
-            "Content-Transfer-Encoding": encoding,
-        }
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("ascii")
-    return head + b"\r\n" + content
+        fields += [headers.field("Content-Type", content_type), headers.field("Content-Transfer-Encoding", encoding)]
+    return b"".join(fields) + b"\r\n" + content

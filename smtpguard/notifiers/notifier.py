@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from smtpguard import replies, templates
 from smtpguard.envelope import EnvelopeError, parse_address
+from smtpguard.headers import has_control
 from smtpguard.incident import Incident, Relayed
 from smtpguard.interfaces import INextHop, IRelayedNotifier
 from smtpguard.notifiers.dsn import PLACEHOLDERS, NoticeSettings, admin_notice, relayed_notice, sender_notice
@@ -106,7 +107,7 @@ def build_notifier(table: Mapping[str, Any], next_hop: INextHop, hostname: str, 
     if config.raw("admin") is not None:
         admin = _mailbox(config, "admin", "")[1]
     report_host = config.get("hostname", str, hostname)
-    if not report_host or not report_host.isascii() or any(char.isspace() for char in report_host):
+    if not report_host or not report_host.isascii() or has_control(report_host) or " " in report_host:
         raise config.error("hostname", f"must be a host name, got {report_host!r}")
     directory = config.get("outbox", str, "")
     if not directory:
@@ -140,7 +141,7 @@ def _mailbox(config: Table, key: str, default: str) -> tuple[str, str]:
     raw = config.get(key, str, default)
     name, address = parseaddr(raw)
     try:
-        if not address or "\r" in raw or "\n" in raw:
+        if not address or has_control(raw):
             raise EnvelopeError(replies.BAD_SENDER_SYNTAX)
         parse_address(address, replies.BAD_SENDER_SYNTAX)
     except EnvelopeError:
