@@ -29,7 +29,7 @@ VALUES = frozenset(
     f"smtpguard.{name}"
     for name in (
         *("replies", "envelope", "results", "spool", "access", "settings", "tables"),
-        *("proxyheader", "xtext", "domains"),
+        *("proxyheader", "xtext", "domains", "headers"),
     )
 )
 # What the parts of a message's path (scanners, policies, notifiers, the quarantine)
@@ -100,6 +100,7 @@ def test_reading_the_configuration_imports_no_protocol(loaded: Imports) -> None:
     server nor the next hop."""
     assert sorted(loaded("smtpguard.config")) == [
         "smtpguard.access",
+        "smtpguard.headers",
         "smtpguard.replies",
         "smtpguard.results",
         "smtpguard.settings",
