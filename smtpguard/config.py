@@ -85,6 +85,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         command_timeout=server.positive("command_timeout", float, _SERVER_DEFAULTS.command_timeout),
         data_timeout=server.positive("data_timeout", float, _SERVER_DEFAULTS.data_timeout),
         session_timeout=server.positive("session_timeout", float, _SERVER_DEFAULTS.session_timeout),
+        message_timeout=server.positive("message_timeout", float, _SERVER_DEFAULTS.message_timeout),
         spool_memory=server.positive("spool_memory", int, _SERVER_DEFAULTS.spool_memory),
         spool_directory=server.get("spool_directory", str, None),  # type: ignore[arg-type]
         require_tls=server.get("require_tls", bool, False),

@@ -84,6 +84,7 @@ RATE_LIMITED = Reply(450, "4.7.1", "Too many messages from your address, try aga
 ACCESS_DENIED = Reply(554, "5.7.1", "Access denied")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+MESSAGE_TOO_SLOW = Reply(421, "4.4.2", "Message time limit exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 UPSTREAM_UNAVAILABLE = Reply(451, "4.4.1", "Next hop unavailable, try again later")
 UPSTREAM_TIMEOUT = Reply(451, "4.4.2", "Next hop timed out, try again later")

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smtpguard import replies
@@ -50,6 +51,7 @@ def _every_recipient(envelope: Envelope, recipient: Recipient) -> bool:
     return True
 
 
+@implementer(interfaces.IPushProducer)
 class ESMTPServer(Protocol):
     """One client session."""
 
@@ -72,6 +74,8 @@ class ESMTPServer(Protocol):
         self._reader: DataReader | None = None
         self._idle: interfaces.IDelayedCall | None = None
         self._deadline: interfaces.IDelayedCall | None = None
+        self._message_deadline: interfaces.IDelayedCall | None = None
+        self._write_blocked = False  # the client does not read its replies
         self._transaction_id = ""
         self._counted = False  # in the per-client connection count
 
@@ -110,6 +114,9 @@ class ESMTPServer(Protocol):
             esmtp=False,
             tls=interfaces.ISSLTransport.providedBy(self.transport),
         )
+        # Replies back-pressure the client: while the transport cannot write, no
+        # more commands are read or answered (pauseProducing below).
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         refusal = self._admission()
         if refusal is not None:
             self._send(refusal)
@@ -154,7 +161,7 @@ class ESMTPServer(Protocol):
         self._idle = self.factory.reactor.callLater(_CLOSE_GRACE, self.transport.abortConnection)  # type: ignore[union-attr]
 
     def _cancel_timers(self) -> None:
-        for timer in (self._idle, self._deadline):
+        for timer in (self._idle, self._deadline, self._message_deadline):
             if timer is not None and timer.active():
                 timer.cancel()
 
@@ -171,6 +178,17 @@ class ESMTPServer(Protocol):
         else:
             self._idle = self.factory.reactor.callLater(timeout, self._timed_out, replies.TIMEOUT)
 
+    def _start_message_deadline(self) -> None:
+        if self._message_deadline is None or not self._message_deadline.active():
+            self._message_deadline = self.factory.reactor.callLater(
+                self.settings.message_timeout, self._timed_out, replies.MESSAGE_TOO_SLOW
+            )
+
+    def _stop_message_deadline(self) -> None:
+        if self._message_deadline is not None and self._message_deadline.active():
+            self._message_deadline.cancel()
+        self._message_deadline = None
+
     def _disarm_idle(self) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
@@ -186,12 +204,28 @@ class ESMTPServer(Protocol):
 
     # -- input ------------------------------------------------------------------
 
+    # -- IPushProducer: the transport's write buffer is full, or has drained --------
+
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+        self._flow_control()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        if not self._closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        self._write_blocked = True
+
+    # -- input ------------------------------------------------------------------
+
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
         self._buffer.append(data)
-        if not self._busy:
-            self._arm_idle()
+        if not self._busy and (self._reader is not None or self._chunk is not None):
+            self._arm_idle()  # RFC 5321 4.5.3.2.5: per block of data
         self._process()
 
     def _process(self) -> None:
@@ -208,13 +242,16 @@ class ESMTPServer(Protocol):
 
     def _process_buffer(self) -> None:
         buffer = self._buffer
-        while buffer and not self._busy and not self._closing:
+        answered = False
+        while buffer and not self._busy and not self._closing and not self._write_blocked:
             if self._chunk is not None:
                 chunk = self._chunk
                 chunk.feed(buffer.take(chunk.remaining))
                 if not chunk.remaining:
                     self._chunk = None
                     self._respond(chunk.done())
+                    if self._chunks is None and not self._chunk_refused:
+                        self._stop_message_deadline()  # no message is being received
                 continue
             if self._reader is not None:
                 self._receive_data()
@@ -231,9 +268,14 @@ class ESMTPServer(Protocol):
                 self._send(replies.LINE_TOO_LONG)
                 continue
             self._respond(self._command(line))
+            answered = True
+        if answered and not self._busy and not self._closing and self._reader is None and self._chunk is None:
+            self._arm_idle()  # RFC 5321 4.5.3.2.7: per command, not per byte
 
     def _flow_control(self) -> None:
-        should_pause = self._busy and len(self._buffer) > _PAUSE_BUFFER
+        # Stop reading while the client does not read its replies, or while a
+        # command waits and its backlog grows: memory per session stays bounded.
+        should_pause = self._write_blocked or (self._busy and len(self._buffer) > _PAUSE_BUFFER)
         if should_pause != self._paused and self.transport is not None:
             self._paused = should_pause
             if should_pause:
@@ -370,6 +412,7 @@ class ESMTPServer(Protocol):
         self._spool = self._new_spool()
         self._reader = DataReader(self._spool.write)
         self._arm_idle()
+        self._start_message_deadline()
         return replies.START_DATA
 
     def smtp_BDAT(self, argument: str) -> Reply | Deferred[Reply] | None:
@@ -424,6 +467,7 @@ class ESMTPServer(Protocol):
             return done()
         self._chunk = chunk
         self._arm_idle()
+        self._start_message_deadline()
         return None
 
     def smtp_RSET(self, argument: str) -> Reply | Deferred[Reply]:
@@ -500,6 +544,7 @@ class ESMTPServer(Protocol):
         self._respond(self._end_of_data())
 
     def _end_of_data(self) -> Reply | Deferred[Reply]:
+        self._stop_message_deadline()
         spool, envelope, relay = self._spool, self._envelope, self._relay
         self._spool = None
         assert spool is not None and envelope is not None and relay is not None
@@ -522,6 +567,7 @@ class ESMTPServer(Protocol):
         return Spool(self.settings.max_message_size, self.settings.spool_memory, self.settings.spool_directory)
 
     def _abandon_data(self) -> None:
+        self._stop_message_deadline()
         if self._spool is not None:
             self._spool.discard()
             self._spool = None

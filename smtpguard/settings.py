@@ -26,6 +26,9 @@ class ServerSettings:
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7
     data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5, per block of data
     session_timeout: float = 3600.0
+    # The whole of one message (DATA, or every BDAT chunk): a client trickling a
+    # byte at a time resets data_timeout forever, this one it cannot.
+    message_timeout: float = 600.0
     spool_memory: int = 1024 * 1024
     spool_directory: str | None = None
     tls: Any = None  # an IOpenSSLServerConnectionCreator enables STARTTLS

@@ -313,28 +313,35 @@ def test_idle_client_is_cut(command_timeout: float, session_timeout: float, cut_
 
 
 @pytest.mark.parametrize(
-    ("prologue", "prologue_replies"),
-    [(b"NOOP ", []), (b"DATA\r\n", [replies.START_DATA.to_bytes()]), (b"BDAT 1000000 LAST\r\n", [])],
+    ("prologue", "prologue_replies", "cut_after", "reply"),
+    [
+        (b"NOOP ", [], 60.0, replies.TIMEOUT),
+        (b"DATA\r\n", [replies.START_DATA.to_bytes()], 300.0, replies.MESSAGE_TOO_SLOW),
+        (b"BDAT 1000000 LAST\r\n", [], 300.0, replies.MESSAGE_TOO_SLOW),
+    ],
     ids=["command-line", "DATA", "BDAT"],
 )
-def test_slow_loris_is_cut_at_the_session_deadline(prologue: bytes, prologue_replies: list[bytes]) -> None:
-    """A client that sends one byte just before each timeout, forever (inside a
-    command line, DATA or a BDAT chunk), is cut with 421 4.4.2 at the session
-    deadline; nothing is relayed."""
-    s = ready(session_timeout=1000.0, command_timeout=60.0, data_timeout=60.0)
-    deadline = s.clock.seconds() + 1000.0  # the clock has not moved since the connection
+def test_regression_slow_loris_is_cut(
+    prologue: bytes, prologue_replies: list[bytes], cut_after: float, reply: Reply
+) -> None:
+    """A client that sends one byte just before each timeout, forever, is cut with
+    421 4.4.2: inside a command line at command_timeout (per command, not per
+    byte), inside DATA or a BDAT chunk at message_timeout (the whole message);
+    nothing is relayed and the next hop's transaction is ended."""
+    s = ready(session_timeout=10_000.0, command_timeout=60.0, data_timeout=60.0, message_timeout=300.0)
     s.begin()
     s.send(prologue)
+    started = s.clock.seconds()
     assert s.replies() == prologue_replies
-    while s.clock.seconds() + 59 < deadline:
+    while s.clock.seconds() + 59 < started + cut_after:
         s.send(b"x")
         s.clock.advance(59)
         assert not s.closed
     s.send(b"x")
-    s.clock.advance(deadline - s.clock.seconds() - 1)
-    assert s.replies() == []
-    s.clock.advance(1)
-    assert s.replies() == [replies.SESSION_TOO_LONG.to_bytes()]
+    s.clock.advance(started + cut_after - s.clock.seconds() - 0.5)
+    assert (s.replies(), s.closed) == ([], False)
+    s.clock.advance(0.5)
+    assert s.replies() == [reply.to_bytes()]
     assert s.closed
     s.lose()
     assert s.hop.delivered == []
