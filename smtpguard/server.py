@@ -273,9 +273,11 @@ class ESMTPServer(Protocol):
             self._arm_idle()  # RFC 5321 4.5.3.2.7: per command, not per byte
 
     def _flow_control(self) -> None:
-        # Stop reading while the client does not read its replies, or while a
-        # command waits and its backlog grows: memory per session stays bounded.
-        should_pause = self._write_blocked or (self._busy and len(self._buffer) > _PAUSE_BUFFER)
+        # Stop reading once a backlog grows while the client does not read its
+        # replies or a command waits: memory per session stays bounded.  (Not at
+        # once on a full write buffer: a TLS layer holds the greeting until its
+        # handshake, which needs reading.)
+        should_pause = (self._busy or self._write_blocked) and len(self._buffer) > _PAUSE_BUFFER
         if should_pause != self._paused and self.transport is not None:
             self._paused = should_pause
             if should_pause:

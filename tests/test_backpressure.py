@@ -31,15 +31,16 @@ def test_session_is_the_transports_streaming_producer():
 
 def test_full_write_buffer_stops_reading_and_answering():
     """When the transport says its write buffer is full, the session answers no
-    more commands and stops reading; when it drains, the backlog is answered in
-    order and reading goes on."""
+    more commands, and stops reading once its backlog passes 256 KiB; when the
+    buffer drains, the backlog is answered in order and reading goes on."""
     s = ready()
     s.proto.pauseProducing()  # as the transport does past its buffer size
-    assert s.transport.producerState == "paused"
     s.send(NOOP * 10)
-    assert s.replies() == []
+    assert (s.replies(), s.transport.producerState) == ([], "producing")
+    s.send(NOOP * 50_000)  # past the backlog a session holds
+    assert (s.replies(), s.transport.producerState) == ([], "paused")
     s.proto.resumeProducing()
-    assert s.replies() == [replies.OK.to_bytes()] * 10
+    assert s.replies() == [replies.OK.to_bytes()] * 50_010
     assert s.transport.producerState == "producing"
 
 
