@@ -23,10 +23,12 @@ from smtpguard.scanners.mimefields import MAX_FIELD, boundary
 
 _HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")  # email.feedparser.headerRE
 
-# Header fields kept for one entity, and characters kept of one field: no mail is
-# near either, and past them a header costs memory for nothing the walk reads.
-# An entity whose header went past them is marked ``truncated``.
-MAX_FIELDS = 1000
+# Header fields kept of one message (all its entities together), and characters
+# kept of one field (as many as the header section smtpguard relays may hold): a
+# field costs some 200 bytes of memory however short its line, so a message of
+# nothing but tiny header lines would otherwise cost forty times its size.  An
+# entity whose header went past either is marked ``truncated``.
+MAX_FIELDS = 100_000
 
 # ``check`` is called for every entity and after this many lines looked at.
 CHECK_EVERY = 4096
@@ -107,6 +109,7 @@ class _Parser:
         self._check = check
         self._entities = 0
         self._lines = 0
+        self._fields_kept = 0
 
     def _tick(self) -> None:
         """One more line looked at: now and then, the caller's check."""
@@ -237,7 +240,6 @@ class _Parser:
         length = 0
         number = 0
         held = b""  # a "From " line past the first: dropped, unless it turns out to be the last
-        kept = 0
         while raw := self._readline():
             self._tick()
             if _HEADER_LINE.match(raw) is None:
@@ -255,7 +257,7 @@ class _Parser:
                         entity.truncated = True
             else:
                 if name:
-                    kept += self._field(entity, value, kept)
+                    self._field(entity, value)
                     name, value = "", []
                 if line.startswith("From "):
                     if number == 0:
@@ -271,17 +273,15 @@ class _Parser:
         if held:
             self._unread.append(held)  # probably the body's first line
         elif name:
-            self._field(entity, value, kept)
+            self._field(entity, value)
 
-    @staticmethod
-    def _field(entity: Entity, value: list[str], kept: int) -> int:
-        """Add the field made of ``value``'s lines, the first :data:`MAX_FIELDS` only:
-        how many were added."""
-        if kept >= MAX_FIELDS:
+    def _field(self, entity: Entity, value: list[str]) -> None:
+        """Add the field made of ``value``'s lines, unless :data:`MAX_FIELDS` are kept."""
+        if self._fields_kept >= MAX_FIELDS:
             entity.truncated = True
-            return 0
+            return
+        self._fields_kept += 1
         entity.fields.set_raw(*email.policy.compat32.header_source_parse(value))
-        return 1
 
     def entity(self, parent: Entity | None) -> Entity:
         """The next entity (with its parts, recursively: one call per level of nesting)."""

@@ -378,8 +378,8 @@ class Walker:
             path = join(prefix, name or BODY)
             self._count_part(path)
             if part.truncated:
-                detail = f"{path}: a header past {MAX_FIELDS} fields or {MAX_FIELD} characters in a field"
-                self._problem(ErrorKind.CONTENT_SIZE, detail)
+                limits = f"{MAX_FIELDS} header fields in the message or {MAX_FIELD} characters in a field"
+                self._problem(ErrorKind.CONTENT_SIZE, f"{path}: more than {limits}")
             if part.parts is not None:
                 if fields.get_content_maintype() != "message":
                     stack.extend((child, repaired) for child in reversed(part.parts))
