@@ -209,6 +209,13 @@ def scan_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "smtpguard-scan"]
 
 
+@pytest.fixture(autouse=True)
+def no_scan_threads_left() -> None:
+    """Each test starts with no scan thread of an earlier one still ending."""
+    for thread in scan_threads():
+        thread.join(30)
+
+
 # 10,000 patterns: matching costs about 3 s a megabyte, a scan too long to end by itself.
 MANY_PATTERNS = Signatures.build(patterns=[Pattern(f"Test.{n}", b"never-%06d" % n) for n in range(10_000)])
 
