@@ -1163,9 +1163,9 @@ class ThreadRecordingMessage(Message):
 
 
 @pytest_twisted.ensureDeferred
-async def test_scan_runs_in_the_reactor_thread_pool() -> None:
-    """With the real reactor the scan runs in a pool thread: the Deferred has not fired
-    when scan() returns, and the message is read off the reactor thread."""
+async def test_scan_runs_off_the_reactor_thread() -> None:
+    """With the real reactor the scan runs in a thread of its own: the Deferred has
+    not fired when scan() returns, and the message is read off the reactor thread."""
     message = ThreadRecordingMessage(mail(multipart(text(), attachment(EICAR, b"eicar.com"))))
     scanning = BuiltinScanner(reactor).scan(message, ENVELOPE)
     assert not scanning.called

@@ -11,6 +11,7 @@ from smtpguard.registry import PolicyPlugin, ScannerPlugin
 from smtpguard.scanners.builtin import DEFAULT_TIMEOUT, BuiltinScanner
 from smtpguard.scanners.mimewalk import Limits
 from smtpguard.scanners.signatures import Pattern, SignatureError, Signatures, parse_digests, parse_patterns
+from smtpguard.scanners.workers import MAX_SCANS, MAX_SCANS_PER_CLIENT
 from smtpguard.tables import ConfigError, Table, options
 
 
@@ -28,6 +29,8 @@ def _builtin(config: Mapping[str, Any], reactor: Any) -> BuiltinScanner:
         max_expanded_size=table.positive("max_expanded_size", int, defaults.max_expanded_size),
     )
     timeout = table.positive("timeout", float, DEFAULT_TIMEOUT)
+    max_scans = table.positive("max_scans", int, MAX_SCANS)
+    max_scans_per_client = table.positive("max_scans_per_client", int, MAX_SCANS_PER_CLIENT)
     digests: dict[str, str] = {}
     patterns: list[Pattern] = []
     for key, parse, lines in (
@@ -46,7 +49,10 @@ def _builtin(config: Mapping[str, Any], reactor: Any) -> BuiltinScanner:
         else:
             patterns.extend(parsed)
     table.check_unknown()
-    return BuiltinScanner(reactor, Signatures.build(digests, patterns), limits, timeout)
+    signatures = Signatures.build(digests, patterns)
+    return BuiltinScanner(
+        reactor, signatures, limits, timeout, max_scans=max_scans, max_scans_per_client=max_scans_per_client
+    )
 
 
 def _signature_file(table: Table, key: str) -> list[str]:

@@ -5,11 +5,10 @@ in a thread so the reactor keeps serving."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -20,6 +19,7 @@ from smtpguard.results import ErrorKind, ScanResult, Threat
 from smtpguard.scanners.deadline import with_deadline
 from smtpguard.scanners.mimewalk import Limits, Stopped, Walker
 from smtpguard.scanners.signatures import EICAR, EICAR_NAME, Inspection, Matcher, Signatures
+from smtpguard.scanners.workers import MAX_SCANS, MAX_SCANS_PER_CLIENT, Slots, Starter, Workers
 from smtpguard.spool import Message
 
 __all__ = ["EICAR", "EICAR_NAME", "BuiltinScanner", "Limits", "Signatures"]
@@ -29,7 +29,7 @@ DEFAULT_TIMEOUT = 60.0
 
 Job = Callable[[], ScanResult]
 # How a scan job gets run: given the job, a Deferred that fires with its result.
-RunInThread = Callable[[Job], "Deferred[ScanResult]"]
+RunInThread = Starter
 
 _EICAR_ONLY = Signatures()
 
@@ -40,9 +40,11 @@ def distinct(threats: list[Threat]) -> tuple[Threat, ...]:
 
 @implementer(IScanner)
 class BuiltinScanner:
-    """Scans in ``reactor``'s thread pool under a ``timeout`` deadline; with no reactor
-    (tests, embedding) it scans synchronously, at once.  ``run_in_thread`` replaces
-    the thread pool (tests run the job synchronously or hold it)."""
+    """Scans in threads of its own under a ``timeout`` deadline, ``max_scans`` at once
+    and ``max_scans_per_client`` for one client address (see
+    :mod:`~smtpguard.scanners.workers`); with no reactor (tests, embedding) it scans
+    synchronously, at once.  ``run_in_thread`` replaces the threads (tests run the
+    job synchronously or hold it)."""
 
     name = "builtin"
 
@@ -53,31 +55,28 @@ class BuiltinScanner:
         limits: Limits = Limits(),
         timeout: float = DEFAULT_TIMEOUT,
         run_in_thread: RunInThread | None = None,
+        max_scans: int = MAX_SCANS,
+        max_scans_per_client: int = MAX_SCANS_PER_CLIENT,
     ) -> None:
         self._reactor = reactor
         self._signatures = signatures
         self._limits = limits
         self._timeout = timeout
-        self._run_in_thread = run_in_thread
+        self._synchronous = reactor is None and run_in_thread is None
+        self.slots = Slots(max_scans, max_scans_per_client)
+        self._workers = Workers(reactor, self.slots, run_in_thread)
 
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
-        stop = threading.Event()
+        if self._synchronous:
+            return defer.succeed(self.scan_now(message))
 
-        def job() -> ScanResult:
-            return self.scan_now(message, stop.is_set)
+        def job(stopped: Callable[[], bool]) -> ScanResult:
+            return self.scan_now(message, stopped)
 
-        if self._reactor is None and self._run_in_thread is None:
-            return defer.succeed(job())
-        try:
-            scanning = (self._run_in_thread or self._in_thread_pool)(job)
-        except Exception:
-            scanning = defer.fail()
+        def busy() -> ScanResult:
+            return ScanResult.failed(ErrorKind.TOO_MANY_REQUESTS, "no scan slot free before the deadline", self.name)
 
-        def abandoned(failure: Failure) -> Failure:
-            stop.set()  # past the deadline (or cancelled): let the thread give up early
-            return failure
-
-        scanning.addErrback(abandoned)
+        scanning = self._workers.run(envelope.client.address, job, busy)
         if self._reactor is not None:
             return with_deadline(scanning, self._timeout, self._reactor, self.name)
 
@@ -86,8 +85,10 @@ class BuiltinScanner:
 
         return scanning.addErrback(failed)
 
-    def _in_thread_pool(self, job: Job) -> Deferred[ScanResult]:
-        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), job)
+    def stop(self) -> None:
+        """Stop every scan still running (each ends as a timeout) and wait briefly for
+        their threads: done when the reactor shuts down."""
+        self._workers.stop()
 
     def scan_now(self, message: Message, stopped: Callable[[], bool] = lambda: False) -> ScanResult:
         """Scan ``message`` in the calling thread; never raises.  ``stopped`` is polled:
@@ -96,7 +97,7 @@ class BuiltinScanner:
             inspection = Inspection(self._signatures)
             problems = Walker(self._limits, inspection, stopped).walk(message.chunks())
             threats = distinct(inspection.threats)
-            if not any(threat.name == EICAR_NAME for threat in threats) and self._raw_eicar(message):
+            if not any(threat.name == EICAR_NAME for threat in threats) and self._raw_eicar(message, stopped):
                 # A MIME structure mangled past our reading cannot hide the test file.
                 threats += (Threat(EICAR_NAME, RAW),)
         except Stopped:
@@ -109,10 +110,12 @@ class BuiltinScanner:
             return ScanResult.failed(problems[0].kind, problems[0].detail, self.name)
         return ScanResult.clean(self.name)
 
-    def _raw_eicar(self, message: Message) -> bool:
+    def _raw_eicar(self, message: Message, stopped: Callable[[], bool]) -> bool:
         found: list[Threat] = []
         matcher = Matcher(_EICAR_ONLY, RAW, found, digest=False)
         for chunk in message.chunks():
+            if stopped():
+                raise Stopped()
             matcher.update(chunk)
             if found:
                 return True

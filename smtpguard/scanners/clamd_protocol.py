@@ -114,7 +114,9 @@ def error_kind(text: str) -> ErrorKind:
 
 
 _FOUND = re.compile(r"stream: (?P<name>\S.*?) FOUND")
-_ERROR = re.compile(r"(?:stream: )?(?P<text>.*?)\s*ERROR")
+# The text ends in a non-blank (or is empty): a lazy text followed by "\s*" would try
+# every split of a run of blanks, quadratic in its length.
+_ERROR = re.compile(r"(?:stream: )?(?P<text>(?:.*\S)?)\s*ERROR")
 
 
 def classify(reply: Reply, scanner: str) -> ScanResult:

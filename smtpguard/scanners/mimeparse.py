@@ -1,15 +1,20 @@
 """Splits a message into its MIME entities with the decisions of the email
 package's feed parser, but reading only header lines and the lines that delimit
-bodies one by one: bodies are found by searches in C and kept as their exact bytes."""
+bodies one by one: bodies are found by searches in C and kept as their exact bytes.
+Its work is linear in the message's size, and the caller's ``check`` is called
+often enough to stop it early (at a deadline, or at a limit of parts)."""
 
 from __future__ import annotations
 
 import email.policy
-import functools
 import re
+from collections import Counter
+from collections.abc import Callable
 from email.message import Message as EmailMessage
 
 import attrs
+
+from smtpguard.scanners.mimefields import MAX_FIELD, boundary
 
 # email.feedparser reads every line of every body through a chain of Python
 # generators.  This parser makes the same decisions on the same lines (the tests
@@ -18,20 +23,39 @@ import attrs
 
 _HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")  # email.feedparser.headerRE
 
+# Header fields kept of one message (all its entities together), and characters
+# kept of one field (as many as the header section smtpguard relays may hold): a
+# field costs some 200 bytes of memory however short its line, so a message of
+# nothing but tiny header lines would otherwise cost forty times its size.  An
+# entity whose header went past either is marked ``truncated``.
+MAX_FIELDS = 100_000
+
+# ``check`` is called for every entity and after this many lines looked at.
+CHECK_EVERY = 4096
+
+Check = Callable[[int], None]
+
+
+def _unchecked(entities: int) -> None:
+    pass
+
 
 @attrs.define
 class Entity:
     """A message or a part of one: its header ``fields`` (a message without a body)
-    and either the exact bytes of its ``body`` or its ``parts``."""
+    and either the exact bytes of its ``body`` or its ``parts``.  ``truncated``: header
+    fields were dropped or cut short (see :data:`MAX_FIELDS`, ``MAX_FIELD``)."""
 
     fields: EmailMessage
     body: bytes = b""
     parts: list[Entity] | None = None
+    truncated: bool = False
 
 
 class _Boundary:
-    """What ends the parts of one multipart: a line matching the feed parser's
-    boundary pattern, made for bytes."""
+    """What ends the parts of one multipart: a line that is the separator ("--" and
+    the boundary), maybe "--" after it, then only spaces and tabs (the feed parser's
+    boundary pattern), told apart by comparing the line's :func:`_core`."""
 
     def __init__(self, boundary: str) -> None:
         try:
@@ -40,18 +64,13 @@ class _Boundary:
             self.separator: bytes | None = ("--" + boundary).encode("ascii", "surrogateescape")
         except UnicodeEncodeError:
             self.separator = None
-            return
-        self._pattern = re.compile(
-            b"(?P<sep>" + re.escape(self.separator) + rb")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
-        )
 
-    def match(self, line: bytes) -> re.Match[bytes] | None:
-        return None if self.separator is None else self._pattern.match(line)
+    def delimits(self, line: bytes) -> bool:
+        core = _core(line)
+        return self.separator is not None and (core == self.separator or core == self.separator + b"--")
 
-
-@functools.lru_cache(maxsize=64)
-def _boundary(boundary: str) -> _Boundary:
-    return _Boundary(boundary)
+    def closes(self, line: bytes) -> bool:
+        return self.separator is not None and _core(line) == self.separator + b"--"
 
 
 # An empty line (which ends a message/delivery-status block) starts one byte into
@@ -67,26 +86,57 @@ def _without_line_end(body: bytes) -> bytes:
     return body
 
 
+def _core(line: bytes) -> bytes:
+    """A line without its line end and the spaces and tabs before it."""
+    return _without_line_end(line).rstrip(b" \t")
+
+
 class _Parser:
     """One parse, after email.feedparser.FeedParser: ``_readline``, ``_unread`` and
     ``_ends`` are its input's readline, unreadline and stack of false-EOF matchers
     (``_read_through`` is its loops that read to the end), :meth:`entity` its
     ``_parsegen``."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, check: Check) -> None:
         self._data = data
         self._position = 0
         self._unread: list[bytes] = []
         self._ends: list[_Boundary | None] = []  # None: an empty line (in message/delivery-status)
+        # The separators of ``_ends``, counted, so a line is compared with each at once.
+        self._separators: Counter[bytes] = Counter()
         self._last: Entity | None = None
         self._found: dict[bytes, tuple[int, int]] = {}  # needle -> (searched from, found at or -1)
+        self._check = check
+        self._entities = 0
+        self._lines = 0
+        self._fields_kept = 0
+
+    def _tick(self) -> None:
+        """One more line looked at: now and then, the caller's check."""
+        self._lines += 1
+        if self._lines % CHECK_EVERY == 0:
+            self._check(self._entities)
+
+    def _push(self, end: _Boundary | None) -> None:
+        self._ends.append(end)
+        if end is not None and end.separator is not None:
+            self._separators[end.separator] += 1
+
+    def _pop(self) -> None:
+        end = self._ends.pop()
+        if end is not None and end.separator is not None:
+            self._separators[end.separator] -= 1
+            if not self._separators[end.separator]:
+                del self._separators[end.separator]
 
     def _ended_by(self, line: bytes) -> bool:
         """Whether ``line`` is a false end of input (a boundary of an enclosing multipart)."""
-        for end in self._ends:
-            if (line[:1] in (b"\r", b"\n")) if end is None else end.match(line) is not None:
-                return True
-        return False
+        if line[:1] in (b"\r", b"\n"):
+            return None in self._ends
+        if not self._separators or line[:2] != b"--":
+            return False
+        core = _core(line)
+        return core in self._separators or (core.endswith(b"--") and core[:-2] in self._separators)
 
     def _readline(self) -> bytes:
         """The next line, or b"" at the (false) end of input."""
@@ -114,23 +164,23 @@ class _Parser:
             if self._ended_by(line):
                 self._unread.append(line)
                 return b"".join(pieces), None
-            if own is not None and own.match(line) is not None:
+            if own is not None and own.delimits(line):
                 return b"".join(pieces), line
             pieces.append(line)
         data, start = self._data, self._position
-        ends = [*self._ends, own] if own is not None else self._ends
         # A separator that cannot be encoded matches no line: it needs no search.
-        dashes = any(end is not None and end.separator is not None for end in ends)
-        empty = None in ends
+        dashes = bool(self._separators) or (own is not None and own.separator is not None)
+        empty = None in self._ends
         at = start
         while (dashes or empty) and at < len(data):
+            self._tick()
             stop = self._line_end(at)
             line = data[at:stop]
             if self._ended_by(line):
                 self._position = at
                 pieces.append(data[start:at])
                 return b"".join(pieces), None
-            if own is not None and own.match(line) is not None:
+            if own is not None and own.delimits(line):
                 self._position = stop
                 pieces.append(data[start:at])
                 return b"".join(pieces), line
@@ -170,6 +220,7 @@ class _Parser:
                     first = min(first, found + 1)
         probe = at + 1
         while dashes and probe < first:
+            self._tick()
             # A search for one byte runs at memory speed; one for "\n--" is forty times slower.
             dash = self._find(b"-", probe)
             if dash < 0 or dash >= first:
@@ -179,46 +230,64 @@ class _Parser:
             probe = self._line_end(dash)  # no line starts before this line's end
         return first
 
-    def _header_lines(self) -> list[bytes]:
-        lines = []
-        while line := self._readline():
-            if _HEADER_LINE.match(line) is None:
-                if line[:1] not in (b"\r", b"\n"):  # not the empty line: the body's first
-                    self._unread.append(line)
-                break
-            lines.append(line)
-        return lines
-
-    def _fields(self, fields: EmailMessage, lines: list[bytes]) -> None:
-        """FeedParser._parse_headers, defects aside."""
-        policy = email.policy.compat32
+    def _header(self, entity: Entity) -> None:
+        """Read the entity's header lines into its fields, one at a time (as
+        FeedParser._parse_headers does, defects aside): up to the first line that
+        is not a header line, which is left unread unless it is the empty line."""
+        fields = entity.fields
         name = ""
         value: list[str] = []
-        for number, raw in enumerate(lines):
+        length = 0
+        number = 0
+        held = b""  # a "From " line past the first: dropped, unless it turns out to be the last
+        while raw := self._readline():
+            self._tick()
+            if _HEADER_LINE.match(raw) is None:
+                if raw[:1] not in (b"\r", b"\n"):  # not the empty line: the body's first
+                    self._unread.append(raw)
+                break
+            held = b""
             line = raw.decode("ascii", "surrogateescape")
             if line[0] in " \t":
                 if name:  # a continuation line before any field is dropped
-                    value.append(line)
-                continue
-            if name:
-                fields.set_raw(*policy.header_source_parse(value))
-                name, value = "", []
-            if line.startswith("From "):
-                if number == 0:
-                    fields.set_unixfrom(_without_line_end(raw).decode("ascii", "surrogateescape"))
-                elif number == len(lines) - 1:
-                    self._unread.append(raw)  # probably the body's first line
-                    return
-                continue
-            colon = line.find(":")
-            if colon > 0:
-                name, value = line[:colon], [line]
-        if name:
-            fields.set_raw(*policy.header_source_parse(value))
+                    length += len(line)
+                    if length <= MAX_FIELD:
+                        value.append(line)
+                    else:
+                        entity.truncated = True
+            else:
+                if name:
+                    self._field(entity, value)
+                    name, value = "", []
+                if line.startswith("From "):
+                    if number == 0:
+                        fields.set_unixfrom(_without_line_end(raw).decode("ascii", "surrogateescape"))
+                    else:
+                        held = raw
+                else:
+                    colon = line.find(":")
+                    if colon > 0:
+                        name, value, length = line[:colon], [line[:MAX_FIELD]], len(line)
+                        entity.truncated |= length > MAX_FIELD
+            number += 1
+        if held:
+            self._unread.append(held)  # probably the body's first line
+        elif name:
+            self._field(entity, value)
+
+    def _field(self, entity: Entity, value: list[str]) -> None:
+        """Add the field made of ``value``'s lines, unless :data:`MAX_FIELDS` are kept."""
+        if self._fields_kept >= MAX_FIELDS:
+            entity.truncated = True
+            return
+        self._fields_kept += 1
+        entity.fields.set_raw(*email.policy.compat32.header_source_parse(value))
 
     def entity(self, parent: Entity | None) -> Entity:
         """The next entity (with its parts, recursively: one call per level of nesting)."""
         entity = Entity(EmailMessage(policy=email.policy.compat32))
+        self._entities += 1
+        self._check(self._entities)
         if parent is not None:
             if parent.fields.get_content_type() == "multipart/digest":
                 entity.fields.set_default_type("message/rfc822")
@@ -226,14 +295,14 @@ class _Parser:
                 parent.parts = []
             parent.parts.append(entity)
         self._last = entity
-        self._fields(entity.fields, self._header_lines())
+        self._header(entity)
         fields = entity.fields
         if fields.get_content_type() == "message/delivery-status":
             # Blocks of fields, each ended by an empty line.
             while True:
-                self._ends.append(None)
+                self._push(None)
                 self.entity(entity)
-                self._ends.pop()
+                self._pop()
                 self._readline()
                 line = self._readline()
                 if not line:
@@ -241,13 +310,13 @@ class _Parser:
                 self._unread.append(line)
         elif fields.get_content_maintype() == "message":
             self.entity(entity)
-        elif fields.get_content_maintype() == "multipart" and (boundary := fields.get_boundary()) is not None:
-            own = _boundary(boundary)
+        elif fields.get_content_maintype() == "multipart" and (separator := boundary(fields)) is not None:
+            own = _Boundary(separator)
             if self._preamble(entity, own):
                 while self._next_part(own):
-                    self._ends.append(own)
+                    self._push(own)
                     self.entity(entity)
-                    self._ends.pop()
+                    self._pop()
                     self._part_done(entity)
         else:
             entity.body = self._read_through()[0]
@@ -258,7 +327,7 @@ class _Parser:
         first boundary is missing or closing has the text for body (and, closing,
         loses the rest)."""
         preamble, line = self._read_through(own)
-        if line is None or own.match(line).group("end"):  # type: ignore[union-attr]
+        if line is None or own.closes(line):
             entity.body = preamble
             self._read_through()
             return False
@@ -271,15 +340,14 @@ class _Parser:
         line = self._readline()
         if not line:
             return False
-        found = own.match(line)
-        if found is None:  # the feed parser asserts this cannot happen
+        if not own.delimits(line):  # the feed parser asserts this cannot happen
             raise ValueError("a part ended on a line that is not its boundary")
-        if found.group("end"):
+        if own.closes(line):
             self._read_through()
             return False
         while True:
             line = self._readline()
-            if own.match(line) is None:
+            if not own.delimits(line):
                 self._unread.append(line)
                 return True
 
@@ -292,7 +360,10 @@ class _Parser:
         self._last = entity
 
 
-def parse(data: bytes) -> Entity:
+def parse(data: bytes, check: Check = _unchecked) -> Entity:
     """The entity tree of the message in ``data``, as email.feedparser would split it
-    (and bodies as their exact bytes).  Raises RecursionError when nested too deeply."""
-    return _Parser(data).entity(None)
+    (and bodies as their exact bytes), with parameters read by
+    :mod:`~smtpguard.scanners.mimefields`.  ``check`` is called with the number of
+    entities made so far, for each entity and every :data:`CHECK_EVERY` lines looked
+    at; what it raises ends the parse.  Raises RecursionError when nested too deeply."""
+    return _Parser(data, check).entity(None)

@@ -16,16 +16,20 @@ import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from email.header import decode_header, make_header
 from email.message import Message as EmailMessage
 from typing import IO, Protocol
 
 import attrs
 
 from smtpguard.results import ErrorKind
-from smtpguard.scanners.mimeparse import Entity, parse
+from smtpguard.scanners.mimefields import MAX_FIELD, filename
+from smtpguard.scanners.mimeparse import MAX_FIELDS, Entity, parse
 
 CHUNK_SIZE = 256 * 1024
+# A file goes to its inspector this much at a time, the stop poll between: what an
+# inspector does with one piece (each of its patterns searched) is the work a
+# stopped scan can still do.
+INSPECT_SIZE = 64 * 1024
 # Nested archives and messages are spooled to be opened; beyond this they go to disk.
 SPOOL_MEMORY = 4 * 1024 * 1024
 BODY = "(body)"
@@ -35,7 +39,10 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
 _ZIP_TYPES = {"application/zip", "application/x-zip", "application/x-zip-compressed"}
 _MESSAGE_TYPES = {"message/rfc822", "message/global"}
 _DECODED = {"base64", "quoted-printable", "x-uuencode", "uuencode", "x-uue", "uue"}
-_UU_BEGIN = re.compile(rb"^begin[ \t]+[0-7]{3,4}[ \t]+([^\r\n]*?)[ \t]*\r?$", re.MULTILINE)
+# Only the start of a "begin MODE NAME" line: its name is taken by slicing, since a
+# pattern that also matched the name and the blanks after it would backtrack
+# quadratically on a line of blanks.
+_UU_BEGIN = re.compile(rb"^begin[ \t]+[0-7]{3,4}[ \t]", re.MULTILINE)
 _UU_END = re.compile(rb"^end[ \t]*\r?$", re.MULTILINE)
 # Runs of base64-looking lines: what a part without (or with a wrong)
 # Content-Transfer-Encoding, or a multipart whose boundary is broken, may still carry.
@@ -104,6 +111,13 @@ class Stopped(_Abort):
     """The caller asked the walk to stop (its deadline passed)."""
 
 
+Check = Callable[[], None]
+
+
+def _unchecked() -> None:
+    pass
+
+
 # -- pure helpers ---------------------------------------------------------------------
 
 
@@ -119,13 +133,7 @@ def printable(name: str, limit: int = 200) -> str:
 
 def part_name(part: EmailMessage) -> str:
     """The part's file name (RFC 2231 and RFC 2047 decoded), or "" when it has none."""
-    try:
-        name = part.get_filename() or ""
-        if "=?" in name:
-            name = str(make_header(decode_header(name)))
-    except Exception:  # a broken parameter only costs the name
-        return ""
-    return printable(name)
+    return printable(filename(part))
 
 
 def transfer_encoding(part: EmailMessage) -> str:
@@ -175,9 +183,10 @@ def base64_size(text: bytes) -> int:
     return usable * 3 // 4
 
 
-def decode_uu_lines(data: bytes) -> bytes:
+def decode_uu_lines(data: bytes, check: Check = _unchecked) -> bytes:
     decoded = []
     for line in data.split(b"\n"):
+        check()
         line = line.rstrip(b"\r")
         if not line or line in (b"`", b" "):
             continue
@@ -193,24 +202,34 @@ def decode_uu_lines(data: bytes) -> bytes:
     return b"".join(decoded)
 
 
-def uu_blocks(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """The ``begin MODE NAME`` ... ``end`` blocks in ``data``: (name, decoded bytes)."""
+def uu_blocks(data: bytes, check: Check = _unchecked) -> Iterator[tuple[str, bytes]]:
+    """The ``begin MODE NAME`` ... ``end`` blocks in ``data``: (name, decoded bytes).
+    A ``begin`` line is the mode and the name, then maybe a CR, and no other CR."""
     if b"begin" not in data:
         return
     position = 0
     while (begin := _UU_BEGIN.search(data, position)) is not None:
-        end = _UU_END.search(data, begin.end())
+        check()
+        line_end = data.find(b"\n", begin.end())
+        line_end = len(data) if line_end < 0 else line_end
+        rest = data[begin.end() : line_end]
+        rest = rest[:-1] if rest.endswith(b"\r") else rest
+        if b"\r" in rest:
+            position = line_end
+            continue
+        end = _UU_END.search(data, line_end)
         stop = end.start() if end is not None else len(data)
-        name = printable(begin.group(1).decode("utf-8", "replace")) or "(uuencoded)"
-        yield name, decode_uu_lines(data[begin.end() : stop])
+        name = printable(rest.strip(b" \t").decode("utf-8", "replace")) or "(uuencoded)"
+        yield name, decode_uu_lines(data[line_end:stop], check)
         position = end.end() if end is not None else len(data)
 
 
-def base64_runs(data: bytes) -> Iterator[bytes]:
+def base64_runs(data: bytes, check: Check = _unchecked) -> Iterator[bytes]:
     """The runs of base64-looking lines (24 bytes at least) in ``data``, as they stand:
     the matches of ``_BASE64_RUN.finditer(data)``, found faster."""
     at = 0
     while at < len(data):
+        check()
         run = _BASE64_RUN.match(data, at)
         if run is not None:
             if run.end() - at >= 24:
@@ -235,9 +254,10 @@ def is_message(head: bytes, name: str, content_type: str = "", sniff: bool = Fal
     return sniff and _HEADER_START.match(head) is not None and _MESSAGE_HEADER.search(head) is not None
 
 
-def rediscovered(body: bytes) -> Entity | None:
+def rediscovered(body: bytes, check: Callable[[int], None] = lambda entities: None) -> Entity | None:
     """A multipart whose boundary parameter is missing or wrong, re-parsed with the
-    boundary its body actually uses (the first ``--token`` line that recurs)."""
+    boundary its body actually uses (the first ``--token`` line that recurs);
+    ``check`` as :func:`~smtpguard.scanners.mimeparse.parse` takes it."""
     lines = _BOUNDARY_LINE.finditer(body)
     first = next(lines, None)
     if first is None:
@@ -246,7 +266,7 @@ def rediscovered(body: bytes) -> Entity | None:
     if not any(line.group(1) in (boundary, boundary + b"--") for line in lines):
         return None
     header = b'Content-Type: multipart/mixed; boundary="' + boundary.replace(b'"', b"") + b'"\r\n\r\n'
-    entity = parse(header + body)
+    entity = parse(header + body, check)
     return entity if entity.parts is not None else None
 
 
@@ -299,17 +319,30 @@ class Walker:
         self._problem(ErrorKind.DECOMPRESS_LAYER, f"{path}: more than {self._limits.max_depth} nested layers")
         return True
 
-    def _count_part(self, path: str) -> None:
+    def _check(self) -> None:
         if self._stopped():
             raise Stopped()
+
+    def _parse_check(self, prefix: str) -> Callable[[int], None]:
+        """The parser's check: stopped, or more entities than parts are left."""
+
+        def check(entities: int) -> None:
+            self._check()
+            if self.parts + entities > self._limits.max_parts:
+                detail = f"{prefix or BODY}: more than {self._limits.max_parts} parts"
+                raise LimitExceeded(Problem(ErrorKind.CONTENT_SIZE, detail))
+
+        return check
+
+    def _count_part(self, path: str) -> None:
+        self._check()
         self.parts += 1
         if self.parts > self._limits.max_parts:
             detail = f"{path}: more than {self._limits.max_parts} parts"
             raise LimitExceeded(Problem(ErrorKind.CONTENT_SIZE, detail))
 
     def _expand(self, size: int, path: str) -> None:
-        if self._stopped():
-            raise Stopped()
+        self._check()
         self.expanded += size
         if self.expanded > self._limits.max_expanded_size:
             detail = f"{path}: more than {self._limits.max_expanded_size} bytes decoded"
@@ -323,7 +356,7 @@ class Walker:
         # ``chunks`` (a closed spool, say) goes on up.
         data = b"".join(chunks)
         try:
-            root = parse(data)
+            root = parse(data, self._parse_check(prefix))
         except (_Abort, RecursionError):
             raise
         except Exception as error:  # the parser is lenient: this is a last resort
@@ -334,7 +367,9 @@ class Walker:
 
     def _message(self, root: Entity, depth: int, prefix: str) -> None:
         """Every part of ``root``, in order.  Nested multiparts use a stack of our own,
-        not recursion: only attached messages and archives add depth."""
+        not recursion: only attached messages and archives add depth.  A multipart
+        is repaired (see :func:`rediscovered`) only outside a repaired one, so each
+        byte is parsed again at most once per layer."""
         stack: list[tuple[Entity, bool]] = [(root, False)]
         while stack:
             part, repaired = stack.pop()
@@ -342,16 +377,19 @@ class Walker:
             name = part_name(fields)
             path = join(prefix, name or BODY)
             self._count_part(path)
+            if part.truncated:
+                limits = f"{MAX_FIELDS} header fields in the message or {MAX_FIELD} characters in a field"
+                self._problem(ErrorKind.CONTENT_SIZE, f"{path}: more than {limits}")
             if part.parts is not None:
                 if fields.get_content_maintype() != "message":
-                    stack.extend((child, False) for child in reversed(part.parts))
+                    stack.extend((child, repaired) for child in reversed(part.parts))
                 elif not self._too_deep(depth, join(prefix, name or "(message)")):
                     for child in part.parts:
                         self._message(child, depth + 1, join(prefix, name))
                 continue
             data = self._decoded(fields, part.body, path)
             if fields.get_content_maintype() == "multipart" and not repaired:
-                repair = rediscovered(data)
+                repair = rediscovered(data, self._parse_check(prefix))
                 if repair is not None:
                     stack.append((repair, True))
                     continue
@@ -367,22 +405,22 @@ class Walker:
         elif encoding == "quoted-printable":
             data = binascii.a2b_qp(raw)
         else:
-            blocks = [block for _, block in uu_blocks(raw)]
-            data = b"".join(blocks) if blocks else decode_uu_lines(raw)
+            blocks = [block for _, block in uu_blocks(raw, self._check)]
+            data = b"".join(blocks) if blocks else decode_uu_lines(raw, self._check)
         self._expand(len(data), path)
         return data
 
     def _embedded(self, data: bytes, part: EmailMessage, prefix: str, path: str, depth: int) -> None:
         """Files hidden in a part's text: uuencoded blocks, and base64 the part did not
         declare (no or a wrong Content-Transfer-Encoding, a broken multipart)."""
-        for name, block in uu_blocks(data):
+        for name, block in uu_blocks(data, self._check):
             block_path = join(prefix, name)
             self._count_part(block_path)
             self._expand(len(block), block_path)
             self._file(block, block_path, depth, name)
         if transfer_encoding(part) in _DECODED:
             return
-        for run in base64_runs(data):
+        for run in base64_runs(data, self._check):
             text = base64_text(run)
             # A run that starts like an archive or a message is opened like one (a
             # forwarded message sent as base64 without its headers, say); any other
@@ -403,9 +441,13 @@ class Walker:
     # files
 
     def _inspect(self, sink: FileSink, chunks: Iterable[bytes]) -> None:
+        """Hand ``chunks`` to ``sink`` in pieces of at most INSPECT_SIZE, polling
+        between them."""
         try:
             for chunk in chunks:
-                sink.update(chunk)
+                for start in range(0, len(chunk), INSPECT_SIZE):
+                    self._check()
+                    sink.update(chunk[start : start + INSPECT_SIZE] if len(chunk) > INSPECT_SIZE else chunk)
         finally:
             sink.close()
 
