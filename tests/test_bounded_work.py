@@ -396,3 +396,21 @@ def test_message_sized_pieces_are_scanned_whole() -> None:
     make = repeated(b"Hello Bob, this is an ordinary line of text.\r\n", b"Subject: x\r\n\r\n")
     assert scan(make(SMALL)) == ScanResult.clean("builtin")
     assert growth(scan, make) < MAX_GROWTH
+
+
+def test_regression_long_folded_header_is_split_in_linear_time() -> None:
+    """A header field of continuation lines (a 1 MB header section of them took
+    7 s) is split into fields in time linear in its size."""
+    from smtpguard import rewrite
+
+    assert growth(rewrite.fields, repeated(b" x\r\n", prefix=b"X-Long: a\r\n")) < MAX_GROWTH
+
+
+def test_regression_long_encoded_subject_is_decoded_in_linear_time() -> None:
+    """A Subject of many encoded words (1 MB took 12 s) is decoded for notices in
+    time linear in its size, and decoded right."""
+    from smtpguard import rewrite
+
+    make = repeated(b" =?utf-8?q?a?=", prefix=b"Subject:", suffix=b"\r\n")
+    assert rewrite.subject(make(100)) == "a" * len(make(100)[len(b"Subject:") : -2].split())
+    assert growth(rewrite.subject, make) < MAX_GROWTH
