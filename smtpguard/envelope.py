@@ -262,6 +262,10 @@ def parse_mail(argument: str, max_size: int) -> tuple[str, MailParameters]:
             if value is None or len(value) > 100:
                 raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad ENVID parameter"))
             envid = decode_xtext(value)
+            if has_control(envid):
+                # It goes into DSNs, notices and quarantine metadata (RFC 3461 4.4:
+                # printable ASCII once decoded).
+                raise EnvelopeError(replies.SYNTAX_ERROR.with_text("Bad ENVID parameter"))
         elif key == "RET":
             try:
                 ret = Return((value or "").upper())

@@ -51,6 +51,10 @@ class InputBuffer:
     def startswith(self, prefix: bytes) -> bool:
         return self._data.startswith(prefix, self._start)
 
+    def head(self, size: int) -> bytes:
+        """The next ``size`` bytes (or fewer), left in place."""
+        return bytes(self._data[self._start : self._start + size])
+
     def line(self) -> bytes | None:
         """The next line without its LF, or None while its LF has not arrived."""
         end = self._data.find(b"\n", max(self._start, self._searched))

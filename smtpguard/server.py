@@ -63,7 +63,7 @@ class ESMTPServer(Protocol):
         self._processing = False
         self._paused = False
         self._closing = False
-        self._overlong = False
+        self._overlong: bytes | None = None  # the start of a line past max_line_length
         self._chunk: _Chunk | None = None  # a BDAT chunk still arriving
         self._chunks: LineEndingNormaliser | None = None  # BDAT data of this transaction
         self._chunk_refused = False
@@ -259,13 +259,20 @@ class ESMTPServer(Protocol):
             raw = buffer.line()
             if raw is None:
                 if len(buffer) > self.settings.max_line_length + 1:  # + the CR of CRLF
-                    self._overlong = True
+                    if self._overlong is None:
+                        self._overlong = buffer.head(5)
                     buffer.clear()
                 break
             line = raw.rstrip(b"\r")
-            if self._overlong or len(line) > self.settings.max_line_length:
-                self._overlong = False
+            if self._overlong is not None or len(line) > self.settings.max_line_length:
+                start = self._overlong if self._overlong is not None else line[:5]
+                self._overlong = None
                 self._send(replies.LINE_TOO_LONG)
+                if start[:4].upper() == b"BDAT" and start[4:5] in (b" ", b"\t"):
+                    # A chunk whose size could not be read cannot be told from
+                    # commands (RFC 3030): nothing after it may be executed.
+                    self._close()
+                    return
                 continue
             self._respond(self._command(line))
             answered = True

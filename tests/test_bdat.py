@@ -148,3 +148,20 @@ def test_malformed_bdat_closes_the_connection(argument: str) -> None:
     session.send(f"BDAT {argument}\r\nQUIT\r\n".encode())
     assert session.replies() == [replies.BAD_BDAT_SYNTAX.to_bytes()]
     assert session.closed
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 300], ids=["one read", "two reads", "many reads"])
+def test_regression_overlong_bdat_line_closes_before_its_chunk(pieces: int) -> None:
+    """A BDAT line past max_line_length (its size cannot be read) gets 500 5.5.2
+    and the connection is closed: its chunk is never executed as commands,
+    however the line arrives."""
+    s = ready()
+    s.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\n".encode())
+    s.replies()
+    chunk = b"RCPT TO:<victim@example.net>\r\n"
+    line = b"bdat " + b"0" * 2100 + str(len(chunk)).encode() + b" LAST\r\n"
+    step = -(-len(line) // pieces)
+    s.send(*(line[i : i + step] for i in range(0, len(line), step)), chunk)
+    assert s.replies() == [replies.LINE_TOO_LONG.to_bytes()]
+    assert s.transport.disconnecting
+    assert s.hop.commands == [f"MAIL {SENDER}", f"RCPT {RECIPIENT}"]

@@ -633,3 +633,12 @@ def test_downgrade_refusal_per_next_hop(smtputf8, headers, extensions, refusal):
 def test_client_protocol_keyword(esmtp, tls, keyword):
     """The WITH keyword follows EHLO/HELO and TLS."""
     assert Client("192.0.2.1", 25, esmtp=esmtp, tls=tls).protocol == keyword
+
+
+@pytest.mark.parametrize("escape", ["+0D+0A", "+00", "+1B", "+7F", "+09"])
+def test_regression_envid_decoding_to_a_control_character_is_refused(escape: str) -> None:
+    """An ENVID whose xtext decodes to a control character (CR LF that would land
+    in quarantine metadata, say) is refused with 501 5.5.4."""
+    assert mail_error(f"FROM:<a@example.com> ENVID=QQ{escape}X") == replies.SYNTAX_ERROR.with_text(
+        "Bad ENVID parameter"
+    )

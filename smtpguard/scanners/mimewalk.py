@@ -270,6 +270,46 @@ def rediscovered(body: bytes, check: Callable[[int], None] = lambda entities: No
     return entity if entity.parts is not None else None
 
 
+_END_OF_DIRECTORY = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_END = b"PK\x06\x06"
+_DIRECTORY_ENTRY = b"PK\x01\x02"
+
+
+def zip_directory_entries(spool: IO[bytes], limit: int) -> int:
+    """The entries of the central directory of the zip in ``spool``, counted by
+    walking it (the count its end record states can lie) and no further than
+    ``limit`` + 1; 0 when no directory is found (zipfile will say why)."""
+    spool.seek(0, io.SEEK_END)
+    size = spool.tell()
+    tail_at = max(0, size - 65_557)  # the end record and a comment of 64 KiB at most
+    spool.seek(tail_at)
+    tail = spool.read()
+    at = tail.rfind(_END_OF_DIRECTORY)
+    if at < 0 or len(tail) - at < 22:
+        spool.seek(0)
+        return 0
+    end = tail_at + at
+    directory = int.from_bytes(tail[at + 12 : at + 16], "little")
+    if directory == 0xFFFFFFFF and tail[at - 20 : at - 16] == _ZIP64_LOCATOR:
+        spool.seek(int.from_bytes(tail[at - 12 : at - 4], "little"))
+        record = spool.read(56)
+        if record[:4] == _ZIP64_END:
+            end = spool.tell() - 56
+            directory = int.from_bytes(record[40:48], "little")
+    position, count = end - directory, 0
+    while 0 <= position < end and count <= limit:
+        spool.seek(position)
+        header = spool.read(46)
+        if len(header) < 46 or header[:4] != _DIRECTORY_ENTRY:
+            break
+        count += 1
+        lengths = (int.from_bytes(header[offset : offset + 2], "little") for offset in (28, 30, 32))
+        position += 46 + sum(lengths)
+    spool.seek(0)
+    return count
+
+
 def _read_back(spool: IO[bytes]) -> Iterator[bytes]:
     spool.seek(0)
     while chunk := spool.read(CHUNK_SIZE):
@@ -467,6 +507,12 @@ class Walker:
         if self._too_deep(depth, path):
             return False
         if zipped:
+            budget = self._limits.max_parts - self.parts
+            if zip_directory_entries(spool, budget) > budget:
+                # zipfile builds an object per directory entry before any is
+                # counted: a directory of millions is refused unread.
+                detail = f"{path}: more than {self._limits.max_parts} parts"
+                raise LimitExceeded(Problem(ErrorKind.CONTENT_SIZE, detail))
             try:
                 archive = zipfile.ZipFile(spool)
             except Exception as error:
