@@ -301,6 +301,16 @@ def running(
         output.close()
 
 
+def work_directory(stack: ExitStack, requested: Path | None, prefix: str) -> Path:
+    """``requested`` (created if need be), or a temporary directory removed when
+    ``stack`` closes."""
+    if requested is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    workdir = requested.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
 def start_sink(stack: ExitStack, workdir: Path) -> Server:
     port = free_port()
     command = [program("smtp-sink"), "-c"]
@@ -311,9 +321,16 @@ def start_sink(stack: ExitStack, workdir: Path) -> Server:
 
 
 def start_guard(
-    stack: ExitStack, workdir: Path, sink: Server, scanner: str, profile: Path | None, name: str = "smtpguard"
+    stack: ExitStack,
+    workdir: Path,
+    sink: Server,
+    scanner: str | None,
+    profile: Path | None,
+    name: str = "smtpguard",
+    config: Path | None = None,
 ) -> Server:
-    """smtpguard under twistd, relaying to ``sink``; ``scanner`` is its --scanner value."""
+    """smtpguard under twistd, relaying to ``sink``; ``scanner`` is its --scanner value
+    (None: the ``[[scanners]]`` of ``config``, a TOML file)."""
     port = free_port()
     log = workdir / f"{name}.log"
     twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -324,8 +341,9 @@ def start_guard(
         "smtpguard",
         "--listen", f"tcp:{port}:interface={HOST}",
         "--upstream", f"tcp:{HOST}:{sink.port}",
-        "--scanner", scanner,
     ]  # fmt: skip
+    command += ["--scanner", scanner] if scanner is not None else []
+    command += ["--config", str(config)] if config is not None else []
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return stack.enter_context(running(name, command, port, workdir, counter=False, log=log, env=env))
@@ -342,10 +360,11 @@ def clamd_socket(clamd: Server) -> Path:
     return Path(clamd.command[-1]).parent / "clamd.sock"
 
 
-def start_clamd(stack: ExitStack, workdir: Path, threads: int) -> Server:
+def start_clamd(stack: ExitStack, workdir: Path, threads: int, extra: str = "") -> Server:
     """A private clamd on a unix socket: one signature (EICAR, as tests/engines.py
     writes it), so it starts in seconds; its cache of clean results off, so that
-    every message is really scanned (smtp-source sends the same body every time)."""
+    every message is really scanned (smtp-source sends the same body every time).
+    ``extra``: more clamd.conf lines."""
     directory = workdir / "clamd"
     database = directory / "db"
     database.mkdir(parents=True, exist_ok=True)
@@ -359,6 +378,7 @@ def start_clamd(stack: ExitStack, workdir: Path, threads: int) -> Server:
         + ("User root\n" if os.geteuid() == 0 else "")
         + f"MaxThreads {threads}\n"
         + "DisableCache yes\n"
+        + extra
     )
     command = [program("clamd", "clamav-daemon"), "-c", str(config)]
     ready = lambda server: wait_for_pong(server, directory / "clamd.sock")  # noqa: E731
@@ -757,11 +777,7 @@ def run(arguments: argparse.Namespace) -> int:
     commands: list[tuple[str, str]] = []
     eicar: list[tuple[str, str]] = []
     with ExitStack() as stack:
-        if arguments.workdir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="smtpguard-bench-")))
-        else:
-            workdir = arguments.workdir.resolve()
-            workdir.mkdir(parents=True, exist_ok=True)
+        workdir = work_directory(stack, arguments.workdir, "smtpguard-bench-")
         profile = arguments.profile.resolve() if arguments.profile else None
 
         def profile_for(engine: str) -> Path | None:

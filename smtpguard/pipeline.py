@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
-from smtpguard import headers, replies, rewrite, templates
-from smtpguard.envelope import Envelope, Recipient, downgrade_refusal, relayed_dsn_recipients
+from smtpguard import crlf, headers, replies, rewrite, templates
+from smtpguard.envelope import BodyType, Envelope, Recipient, downgrade_refusal, relayed_dsn_recipients
 from smtpguard.incident import Incident, Relayed
 from smtpguard.interfaces import (
     INotifier,
@@ -25,7 +25,8 @@ from smtpguard.interfaces import (
     IScanner,
 )
 from smtpguard.replies import Reply
-from smtpguard.results import Action, Decision, ScanResult
+from smtpguard.results import Action, Decision, ScanResult, Verdict
+from smtpguard.scanners.chain import combine
 from smtpguard.scanners.deadline import scan_safely, with_deadline
 from smtpguard.spool import Message
 
@@ -103,8 +104,21 @@ class Pipeline:
         return self._recipient_policy.accepts(envelope, recipient)
 
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
-        scanning = scan_safely(self._scanner, message, envelope)
+        scanning = Deferred.fromCoroutine(self._scan_readings(message, envelope))
         return with_deadline(scanning, self._scan_timeout, self._reactor, self._scanner.name)
+
+    async def _scan_readings(self, message: Message, envelope: Envelope) -> ScanResult:
+        """The scan of ``message`` as sent, and of the same with CRLF line endings when
+        that differs (a BINARYMIME message with bare CR or LF): mail readers take
+        those for line ends in its header sections and text, while the bytes of its
+        binary parts are what they save.  A threat or an error in either counts."""
+        result = await scan_safely(self._scanner, message, envelope)
+        if result.verdict is Verdict.INFECTED or envelope.parameters.body is not BodyType.BINARYMIME:
+            return result
+        read = crlf.with_crlf(message)
+        if read is message:
+            return result
+        return combine([result, await scan_safely(self._scanner, read, envelope)], self._scanner.name)
 
     def process(
         self, envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str

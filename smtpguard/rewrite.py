@@ -1,8 +1,9 @@
 """Edits of a message's header section: status headers that only smtpguard may
 write, the subject tag, and the headers of a replacement notice.
 
-Header sections are handled as raw bytes with CRLF line endings; folded fields
-(continuation lines) stay intact.
+Header sections are handled as raw bytes; folded fields (continuation lines) stay
+intact.  A bare CR or LF ends a line as CRLF does, as mail readers take it (only a
+BINARYMIME message can have them), and what is written back ends in CRLF only.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ CONTENT_HEADERS = frozenset(
     {b"mime-version", b"content-type", b"content-transfer-encoding", b"content-disposition", b"content-id"}
 )
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 _ENCODED_SPACE = b"=?us-ascii?q?_?="
 
 
 def fields(section: bytes) -> list[bytes]:
     """The header fields of ``section`` (ending in the empty line or not), each with
-    its continuation lines and final CRLF."""
+    its continuation lines, every line ending in CRLF."""
     found: list[list[bytes]] = []
-    for line in section.split(b"\r\n"):
+    for line in _LINE_END.split(section):
         if not line:
             continue
         if line[:1] in (b" ", b"\t") and found:

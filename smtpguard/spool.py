@@ -5,11 +5,32 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import IO
 
 CHUNK_SIZE = 256 * 1024
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+# A line end followed by another: an empty line, as mail readers split lines (a CR
+# is a line end of its own only when no LF follows it).
+_EMPTY_LINE = re.compile(rb"(\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
+
+
+def _header_end(head: bytes) -> tuple[int, int] | None:
+    """(end of the header section's last line, start of the body) in ``head``: at
+    its first empty line, whatever the line ends are; None when it has none."""
+    first = _LINE_END.match(head)
+    if first is not None:
+        return 0, first.end()
+    crlf = head.find(b"\r\n\r\n")
+    end = len(head) if crlf < 0 else crlf + 4
+    pairs = head.count(b"\r\n", 0, end)
+    if head.count(b"\r", 0, end) == pairs and head.count(b"\n", 0, end) == pairs:
+        # CRLF line ends only (as every message but a BINARYMIME one has).
+        return None if crlf < 0 else (crlf + 2, crlf + 4)
+    empty = _EMPTY_LINE.search(head)
+    return None if empty is None else (empty.end(1), empty.end())
 
 
 class SpoolFull(Exception):
@@ -17,8 +38,9 @@ class SpoolFull(Exception):
 
 
 class Message:
-    """A received message, read-only.  Its bytes use CRLF line endings only and are
-    not dot-stuffed.  Close it when the transaction ends."""
+    """A received message, read-only, not dot-stuffed.  Its line endings are CRLF
+    only, except in a BINARYMIME message, which is kept exactly as sent (see
+    :mod:`smtpguard.crlf`).  Close it when the transaction ends."""
 
     def __init__(self, body: IO[bytes], size: int, start: int = 0, owner: bool = True) -> None:
         self._body = body
@@ -38,15 +60,15 @@ class Message:
     def split_headers(self, limit: int = 1024 * 1024) -> tuple[bytes, int]:
         """(header section without the empty line, offset of the body).
 
-        A message whose first ``limit`` bytes hold no empty line is all header
-        when it is that short, and all body otherwise.
+        The header section ends at the first empty line, as mail readers find it:
+        a bare CR or LF ends a line too.  A message whose first ``limit`` bytes
+        hold no empty line is all header when it is that short, and all body
+        otherwise.
         """
         head = self._read_at(0, min(limit, self.size))
-        if head.startswith(b"\r\n"):
-            return b"", 2
-        end = head.find(b"\r\n\r\n")
-        if end >= 0:
-            return head[: end + 2], end + 4
+        found = _header_end(head)
+        if found is not None:
+            return head[: found[0]], found[1]
         return (head, self.size) if self.size <= limit else (b"", 0)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
@@ -78,10 +100,8 @@ class Message:
     def headers(self, limit: int = 1024 * 1024) -> bytes:
         """The header block, up to and including the empty line (or ``limit`` bytes)."""
         head = self._read_at(0, min(limit, self.size))
-        end = head.find(b"\r\n\r\n")
-        if head.startswith(b"\r\n"):
-            return b"\r\n"
-        return head if end < 0 else head[: end + 4]
+        found = _header_end(head)
+        return head if found is None else head[: found[1]]
 
     def close(self) -> None:
         if self._owner:

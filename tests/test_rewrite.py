@@ -68,3 +68,26 @@ def test_notice_headers_replace_the_content_fields():
     assert parsed.get_all("MIME-Version") == ["1.0"]
     assert parsed.get_content().replace("\r\n", "\n") == "dropped.\n"
     assert b"boundary=XYZ" not in headers
+
+
+def test_status_headers_after_bare_line_ends_are_removed_and_crlf_written():
+    """A bare LF or CR ends a header line as CRLF does (a BINARYMIME message keeps
+    them): the client's status headers behind them are removed, and the fields
+    kept are written with CRLF."""
+    section = (
+        b"From: a@example.com\nX-Virus-Status: clean\nSubject: hi\rX-Virus-Scanned: x\r\n y\r"
+        b"To: b@example.net\r\n"
+    )
+    assert rewrite.without(section, rewrite.STATUS_HEADERS) == (
+        b"From: a@example.com\r\nSubject: hi\r\nTo: b@example.net\r\n"
+    )
+
+
+def test_subject_after_bare_line_ends_is_read_and_tagged():
+    """The Subject of a section with bare line ends is read up to its own line end,
+    and tagged on a continuation line with CRLF endings."""
+    section = b"From: a@example.com\nSubject: hi\nX-Virus-Status: clean\n"
+    assert rewrite.subject(section) == "hi"
+    assert rewrite.tag_subject(section, "[tag]") == (
+        b"From: a@example.com\r\nSubject: hi\r\n [tag]\r\nX-Virus-Status: clean\r\n"
+    )

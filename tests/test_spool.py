@@ -272,3 +272,34 @@ def test_message_close(tmp_path):
     assert message.closed is False
     message.close()
     assert message.closed is True
+
+
+# -- the header section as mail readers find it (a BINARYMIME message keeps bare CR and LF)
+
+
+@pytest.mark.parametrize(
+    ("data", "section"),
+    [
+        (b"A: 1\nB: 2\n\nbody", b"A: 1\nB: 2\n"),
+        (b"A: 1\rB: 2\r\rbody", b"A: 1\rB: 2\r"),
+        (b"A: 1\r\nB: 2\n\r\nbody", b"A: 1\r\nB: 2\n"),
+        (b"A: 1\r\nB: 2\r\r\nbody\r\n\r\nmore", b"A: 1\r\nB: 2\r"),
+        (b"A: 1\r\nB: 2\r\n\nbody", b"A: 1\r\nB: 2\r\n"),
+        (b"A: 1\n\rbody", b"A: 1\n"),
+        (b"\nbody", b""),
+        (b"\rbody", b""),
+        (b"A: 1\r\nB: 2\r\n\r\nbody", b"A: 1\r\nB: 2\r\n"),
+    ],
+)
+def test_header_section_ends_at_the_first_empty_line_whatever_its_line_ends(data, section):
+    """A bare CR or LF ends a line, as mail readers read it: the header section ends
+    at the first empty line and the body starts after it."""
+    message = collect(Spool(0), data)
+    assert message.split_headers() == (section, data.index(b"body"))
+    assert message.headers() == data[: data.index(b"body")]
+
+
+@pytest.mark.parametrize("data", [b"A: 1\r\nB: 2\r\nbody", b"A: 1\r\nB: 2\nC: 3\r\nbody"])
+def test_the_cr_and_lf_of_one_crlf_never_make_an_empty_line(data):
+    """A CRLF is one line end: a message with no empty line is all header."""
+    assert collect(Spool(0), data).split_headers() == (data, len(data))
