@@ -76,6 +76,7 @@ class ESMTPServer(Protocol):
         self._deadline: interfaces.IDelayedCall | None = None
         self._message_deadline: interfaces.IDelayedCall | None = None
         self._write_blocked = False  # the client does not read its replies
+        self._last_word: Reply | None = None  # a 421 held back while a reply is pending
         self._transaction_id = ""
         self._counted = False  # in the per-client connection count
 
@@ -196,8 +197,9 @@ class ESMTPServer(Protocol):
     def _timed_out(self, reply: Reply) -> None:
         if self._busy:
             # Never cut a session while its message is with the next hop: the
-            # client must hear the outcome.  Close once the reply is out.
+            # client must hear the outcome, then this reply, then the close.
             self._closing = True
+            self._last_word = self._last_word or reply
             return
         self._send(reply)
         self._close()
@@ -310,9 +312,11 @@ class ESMTPServer(Protocol):
             return
         self._send(reply)
         if self.factory.draining and not self._closing:
-            self._send(replies.SHUTTING_DOWN)
+            self._last_word = replies.SHUTTING_DOWN
             self._closing = True
         if self._closing:
+            if self._last_word is not None:
+                self._send(self._last_word)
             self._close()
             return
         self._arm_idle()
@@ -329,6 +333,9 @@ class ESMTPServer(Protocol):
         # isascii first: str.upper() turns some non-ASCII letters into ASCII ones.
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
+            if verb[:4].upper() == "BDAT" and verb[4:5].isspace():
+                self._malformed_bdat()  # "BDAT<TAB>n": a chunk may follow
+                return None
             return replies.UNKNOWN_COMMAND
         result: Reply | Deferred[Reply] | None = handler(argument)
         return result
@@ -430,9 +437,7 @@ class ESMTPServer(Protocol):
         the message is scanned and relayed after the LAST one like any other."""
         parsed = _bdat_arguments(argument)
         if parsed is None:
-            # Without a size the chunk cannot be told from commands: stop here.
-            self._send(replies.BAD_BDAT_SYNTAX)
-            self._close()
+            self._malformed_bdat()
             return None
         size, last = parsed
         refusal = self._bdat_refusal()
@@ -458,6 +463,11 @@ class ESMTPServer(Protocol):
             return self._end_of_data()
 
         return self._read_chunk(size, chunks.feed, received)
+
+    def _malformed_bdat(self) -> None:
+        # Without a size the chunk cannot be told from commands: stop here.
+        self._send(replies.BAD_BDAT_SYNTAX)
+        self._close()
 
     def _bdat_refusal(self) -> Reply | None:
         if self._envelope is None:

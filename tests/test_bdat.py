@@ -165,3 +165,14 @@ def test_regression_overlong_bdat_line_closes_before_its_chunk(pieces: int) -> N
     assert s.replies() == [replies.LINE_TOO_LONG.to_bytes()]
     assert s.transport.disconnecting
     assert s.hop.commands == [f"MAIL {SENDER}", f"RCPT {RECIPIENT}"]
+
+
+@pytest.mark.parametrize("separator", ["\t", "\x0b", "\x0c"])
+def test_bdat_with_other_white_space_closes_the_connection(separator: str) -> None:
+    """"BDAT<TAB>5 LAST" is not a BDAT smtpguard can read, but its chunk may
+    follow: 501 5.5.4 and close, never its bytes read as commands."""
+    session = ready()
+    session.begin()
+    session.send(f"BDAT{separator}9 LAST\r\nNOOP\r\nNOOP\r\n".encode())
+    assert session.replies() == [replies.BAD_BDAT_SYNTAX.to_bytes()]
+    assert session.closed

@@ -1108,7 +1108,8 @@ def test_regression_session_deadline_despite_activity() -> None:
 
 
 def test_session_deadline_while_processing_waits_for_outcome() -> None:
-    """When the session deadline passes while the next hop holds the message, the client hears the outcome first."""
+    """When the session deadline passes while the next hop holds the message, the
+    client hears the outcome first, then 421 4.4.2, then the connection closes."""
     s = ready(session_timeout=1000.0)
     s.hop.hold = True
     s.send(transaction())
@@ -1119,7 +1120,7 @@ def test_session_deadline_while_processing_waits_for_outcome() -> None:
     assert s.replies() == []
     assert not s.closed
     s.hop.release()
-    assert s.replies() == [QUEUED.to_bytes()]
+    assert s.replies() == [QUEUED.to_bytes(), replies.SESSION_TOO_LONG.to_bytes()]
     assert s.closed
 
 
