@@ -90,14 +90,14 @@ SHAPES: dict[str, Callable[[], bytes]] = {
     "1 MB text": lambda: text_message(1_000_000),
     "1 MB multipart": lambda: multipart_message(1_000_000, 700_000),
     "5 MB multipart": lambda: multipart_message(5_000_000, 4_900_000),
-    "1 MB multipart, odd header": lambda: odd_header_message(1_000_000, 700_000),
+    "1 MB odd header": lambda: odd_header_message(1_000_000, 700_000),
 }
 DESCRIPTIONS = {
     "20 KB text": "smtp-source -l 20000: digit + 78 X a line, no MIME",
     "1 MB text": "smtp-source -l 1000000: digit + 78 X a line, no MIME",
     "1 MB multipart": "300 KB text part + 700 KB base64 attachment",
     "5 MB multipart": "100 KB text part + 4.9 MB base64 attachment",
-    "1 MB multipart, odd header": "1 MB multipart, a line without a colon in the attachment's header (3 readings)",
+    "1 MB odd header": "1 MB multipart, a line without a colon in the attachment's header (3 readings)",
 }
 
 

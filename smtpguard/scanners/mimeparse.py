@@ -361,8 +361,7 @@ class _Parser:
         self._last = entity
         self._header(entity)
         fields = entity.fields
-        if "content-disposition" in fields or "content-type" in fields:
-            self._note_parameters(filenames(fields))
+        self._note_parameters(filenames(fields))
         if fields.get_content_type() == "message/delivery-status":
             # Blocks of fields, each ended by an empty line.
             while True:
