@@ -77,17 +77,27 @@ def multipart_message(size: int, encoded_attachment: int) -> bytes:
     return head + text_part + prose + file_part + attachment + b"--=_b1--\r\n"
 
 
+def odd_header_message(size: int, encoded_attachment: int) -> bytes:
+    """:func:`multipart_message` with a line without a colon in the attachment's
+    header section, which the mail clients' readings read otherwise."""
+    return multipart_message(size, encoded_attachment).replace(
+        b"Content-Transfer-Encoding: base64", b"X-Line-Without-Colon\r\nContent-Transfer-Encoding: base64"
+    )
+
+
 SHAPES: dict[str, Callable[[], bytes]] = {
     "20 KB text": lambda: text_message(20_000),
     "1 MB text": lambda: text_message(1_000_000),
     "1 MB multipart": lambda: multipart_message(1_000_000, 700_000),
     "5 MB multipart": lambda: multipart_message(5_000_000, 4_900_000),
+    "1 MB odd header": lambda: odd_header_message(1_000_000, 700_000),
 }
 DESCRIPTIONS = {
     "20 KB text": "smtp-source -l 20000: digit + 78 X a line, no MIME",
     "1 MB text": "smtp-source -l 1000000: digit + 78 X a line, no MIME",
     "1 MB multipart": "300 KB text part + 700 KB base64 attachment",
     "5 MB multipart": "100 KB text part + 4.9 MB base64 attachment",
+    "1 MB odd header": "1 MB multipart, a line without a colon in the attachment's header (3 readings)",
 }
 
 

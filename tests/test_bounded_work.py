@@ -26,9 +26,10 @@ from smtpguard.scanners import mimeparse, mimewalk
 from smtpguard.scanners.builtin import EICAR, EICAR_NAME, BuiltinScanner
 from smtpguard.scanners.clamd_protocol import Reply, classify
 from smtpguard.scanners.command import DEFAULT_THREAT_PATTERN, find_threats
-from smtpguard.scanners.mimefields import MAX_FIELD, boundary, decode_words, filename, parameters
+from smtpguard.scanners.mimefields import MAX_FIELD, boundary, decode_words, filename, mechanism, parameters
 from smtpguard.scanners.mimeparse import CHECK_EVERY, MAX_FIELDS, Entity, parse
 from smtpguard.scanners.mimewalk import INSPECT_SIZE, Limits, Walker, base64_runs, rediscovered, uu_blocks
+from smtpguard.scanners.readings import READINGS, RFC, Reading
 from smtpguard.scanners.signatures import Inspection, Pattern, Signatures
 from tests.test_builtin import attachment, mail, multipart, spooled, text
 
@@ -117,9 +118,9 @@ def test_nested_broken_multiparts_are_parsed_again_once(monkeypatch: pytest.Monk
     repaired again), not 200 times."""
     parsed: list[int] = []
 
-    def counting_parse(data: bytes, check: mimeparse.Check = mimeparse._unchecked) -> Entity:
+    def counting_parse(data: bytes, check: mimeparse.Check = mimeparse._unchecked, reading: Reading = RFC) -> Entity:
         parsed.append(len(data))
-        return parse(data, check)
+        return parse(data, check, reading)
 
     monkeypatch.setattr(mimewalk, "parse", counting_parse)
     message = nested_broken_multiparts(200, b"x" * 1_000_000)
@@ -313,6 +314,7 @@ _PIECES = [
     b"q?", b"b?", b"*", b"*0*", b"'", b"%", b"%E9", b"a", b"Z", b"0", b":", b"From ", b"begin 644 ", b"end",
     b"AAAA", b"QUJDREVGR0hJSktMTU5P", b"\xe9", b"\x00", b"name=", b"name*0*=",
     b"Content-Type: multipart/mixed; boundary=a\r\n", b"Content-Transfer-Encoding: base64\r\n",
+    b"(", b")", b" :", b"X :", b"no colon\r\n", b"--a--\r\n", b"boundary=", b"filename=",
 ]  # fmt: skip
 
 _MESSAGE_FRAMES: list[tuple[bytes, bytes]] = [
@@ -322,6 +324,10 @@ _MESSAGE_FRAMES: list[tuple[bytes, bytes]] = [
     (b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\n", b"\r\n--a--\r\n"),  # parts
     (b"Content-Type: text/plain\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nbegin 644 f\r\n", b"\r\nend\r\n"),
     (b"Content-Type: multipart/mixed\r\n\r\n--z\r\n", b"\r\n--z--\r\n"),  # repaired
+    (b"Subject: x\r\nno colon\r\nContent-Transfer-Encoding: ", b"\r\n\r\nbody\r\n"),  # read every way
+    (b"Subject: x\r\nno colon\r\n", b""),  # a header section without its empty line, read every way
+    (b"Content-Type: multipart/mixed; boundary=a; boundary=b\r\n\r\n--b\r\n", b"\r\n--b--\r\n--a--\r\n"),
+    (b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\n\r\nx\r\n--a--\r\n", b"\r\n--a\r\n\r\n"),
 ]
 
 units = st.lists(st.sampled_from(_PIECES), min_size=1, max_size=12).map(b"".join)
@@ -342,6 +348,24 @@ def test_scanning_grows_linearly(unit: bytes, frame: tuple[bytes, bytes]) -> Non
 def test_parsing_grows_linearly(unit: bytes, frame: tuple[bytes, bytes]) -> None:
     """The MIME parser on its own, on the same inputs."""
     assert growth(parse, repeated(unit, *frame)) < MAX_GROWTH
+
+
+@HOSTILE
+@given(units, st.sampled_from(_MESSAGE_FRAMES), st.sampled_from(READINGS))
+def test_parsing_grows_linearly_in_every_reading(
+    unit: bytes, frame: tuple[bytes, bytes], reading: Reading
+) -> None:
+    """The MIME parser reading the mail clients' ways (to the empty line, past lines
+    without a colon, after close delimiters), on the same inputs."""
+    assert growth(lambda data: parse(data, reading=reading), repeated(unit, *frame)) < MAX_GROWTH
+
+
+@HOSTILE
+@given(units)
+def test_transfer_encodings_grow_linearly(unit: bytes) -> None:
+    """The mechanism of a Content-Transfer-Encoding of any repeated piece (comments
+    nest)."""
+    assert growth(mechanism, as_text(repeated(unit, b"(x "))) < MAX_GROWTH
 
 
 def as_text(make: Callable[[int], bytes]) -> Callable[[int], str]:

@@ -9,6 +9,8 @@ import re
 from email.message import Message as EmailMessage
 from urllib.parse import unquote_to_bytes
 
+from smtpguard.scanners.readings import Parameters
+
 # A field longer than this is read only this far (the parser keeps no more of it
 # either, and the walk reports it): as long as the header section smtpguard reads.
 MAX_FIELD = 1024 * 1024
@@ -21,6 +23,8 @@ _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 # Each search for a word reads at most to the next "?" twice, so the scan stays linear.
 _ENCODED_WORD = re.compile(r"=\?([^?\s]*)\?([bBqQ])\?([^?\s]*)\?=")
 _BETWEEN_WORDS = re.compile(r"\s*")
+_COMMENT_SYNTAX = re.compile(r"[()\\]")
+_MECHANISM = re.compile(r'"?([A-Za-z0-9-]*)')
 # Text codecs whose decoders are not linear (and that no mail client labels text with).
 _REFUSED_CHARSETS = frozenset({"punycode", "idna"})
 
@@ -79,26 +83,46 @@ def _extended(sections: list[tuple[int, int, str, bool]]) -> str:
     return joined.decode("utf-8", "surrogateescape") if charset is None else text_of(joined, charset)
 
 
-def parameters(value: str) -> dict[str, str]:
-    """The parameters of a Content-Type or Content-Disposition ``value``: lower-case
-    names to their values (unquoted, RFC 2231 sections joined and decoded).  As mail
-    clients read them: the first of repeated parameters counts, and an RFC 2231 form
-    (``name*=`` or ``name*0=``) takes precedence over the plain ``name=``.  Only the
-    first :data:`MAX_FIELD` characters are read."""
-    plain: dict[str, str] = {}
+# A field's parameters: the first and the last value of each plain one, and the RFC 2231 ones.
+_Read = tuple[dict[str, str], dict[str, str], dict[str, str]]
+
+
+def _read(value: str) -> _Read:
+    """The parameters of ``value`` three ways: the first and the last of each plain
+    one, and the RFC 2231 ones."""
+    first: dict[str, str] = {}
+    last: dict[str, str] = {}
     extended: dict[str, list[tuple[int, int, str, bool]]] = {}
     for position, segment in enumerate(_segments(value[:MAX_FIELD])[1:]):
         name, _, raw = segment.partition("=")
         name, raw = name.strip().lower(), raw.strip()
         section = _SECTION.fullmatch(name)
         if section is None:
-            plain.setdefault(name, _unquoted(raw))
+            last[name] = _unquoted(raw)
+            first.setdefault(name, last[name])
             continue
         number = -1 if section.group(2) is None else int(section.group(2))
         encoded = name.endswith("*")
         text = raw if encoded else _unquoted(raw)
         extended.setdefault(section.group(1), []).append((number, position, text, encoded))
-    return plain | {name: _extended(sections) for name, sections in extended.items()}
+    return first, last, {name: _extended(sections) for name, sections in extended.items()}
+
+
+def _chosen(read: _Read, rule: Parameters) -> dict[str, str]:
+    first, last, extended = read
+    if rule is Parameters.PLAIN:
+        return extended | first
+    return (last if rule is Parameters.LAST else first) | extended
+
+
+def parameters(value: str, rule: Parameters = Parameters.STANDARD) -> dict[str, str]:
+    """The parameters of a Content-Type or Content-Disposition ``value``: lower-case
+    names to their values (unquoted, RFC 2231 sections joined and decoded).  Of a
+    parameter given more than once, the value ``rule`` picks; by default as mail
+    clients read them: an RFC 2231 form (``name*=`` or ``name*0=``) over the plain
+    ``name=``, and the first of repeated plain ones.  Only the first
+    :data:`MAX_FIELD` characters are read."""
+    return _chosen(_read(value), rule)
 
 
 def field(fields: EmailMessage, name: str) -> str | None:
@@ -108,23 +132,77 @@ def field(fields: EmailMessage, name: str) -> str | None:
     return None if value is None else str(value)
 
 
-def boundary(fields: EmailMessage) -> str | None:
-    """The multipart boundary of ``fields`` (trailing white space dropped, as RFC 2046
-    does not allow it), or None when the Content-Type has none."""
+def boundaries(fields: EmailMessage) -> dict[Parameters, str | None]:
+    """The multipart boundary of ``fields`` as each rule reads it (trailing white space
+    dropped, as RFC 2046 does not allow it), None where the Content-Type has none."""
     value = field(fields, "content-type")
-    found = None if value is None else parameters(value).get("boundary")
-    return None if found is None else found.rstrip()
+    read = _read("" if value is None else value)
+    found = {rule: _chosen(read, rule).get("boundary") for rule in Parameters}
+    return {rule: None if text is None else text.rstrip() for rule, text in found.items()}
 
 
-def filename(fields: EmailMessage) -> str:
-    """The Content-Disposition ``filename``, else the Content-Type ``name``, with any
-    RFC 2047 encoded words decoded; "" when there is neither."""
-    for header, key in (("content-disposition", "filename"), ("content-type", "name")):
-        value = field(fields, header)
-        found = None if value is None else parameters(value).get(key)
+def boundary(fields: EmailMessage, rule: Parameters = Parameters.STANDARD) -> str | None:
+    """The multipart boundary of ``fields`` as ``rule`` reads it (see :func:`boundaries`)."""
+    return boundaries(fields)[rule]
+
+
+def _named(fields: EmailMessage) -> list[tuple[str, _Read]]:
+    """The parameters that can name a file: Content-Disposition's ``filename``, then
+    Content-Type's ``name``, each with its field's parameters read (see :func:`_read`)."""
+    return [
+        (key, _read(value))
+        for header, key in (("content-disposition", "filename"), ("content-type", "name"))
+        if (value := field(fields, header)) is not None
+    ]
+
+
+def _filename(named: list[tuple[str, _Read]], rule: Parameters) -> str:
+    for key, read in named:
+        found = _chosen(read, rule).get(key)
         if found is not None:
             return decode_words(found.strip())
     return ""
+
+
+def filename(fields: EmailMessage, rule: Parameters = Parameters.STANDARD) -> str:
+    """The Content-Disposition ``filename``, else the Content-Type ``name``, as ``rule``
+    reads them, with any RFC 2047 encoded words decoded; "" when there is neither."""
+    return _filename(_named(fields), rule)
+
+
+def filenames(fields: EmailMessage) -> dict[Parameters, str]:
+    """:func:`filename` as each rule reads it."""
+    named = _named(fields)
+    return {rule: _filename(named, rule) for rule in Parameters}
+
+
+def mechanism(value: str) -> str:
+    """A Content-Transfer-Encoding ``value``'s mechanism, lower-cased, as RFC 2045 reads
+    it and MIME-tools does: comments (nested ones too) and blanks before it skipped,
+    and quotes around it, a comment, ``;`` or anything else after its token dropped."""
+    text = value[:MAX_FIELD].lstrip()
+    while text.startswith("("):
+        text = text[_comment_end(text) :].lstrip()
+    token = _MECHANISM.match(text)
+    return token.group(1).lower() if token else ""
+
+
+def _comment_end(text: str) -> int:
+    """Where the comment that opens ``text`` ends (its length when it never closes),
+    found by jumps from one parenthesis or backslash to the next."""
+    depth = 0
+    at = 0
+    while (found := _COMMENT_SYNTAX.search(text, at)) is not None:
+        at = found.end()
+        if found.group() == "\\":
+            at += 1
+        elif found.group() == "(":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return at
+    return len(text)
 
 
 def _word(found: re.Match[str]) -> str:

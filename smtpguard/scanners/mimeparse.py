@@ -2,19 +2,24 @@
 package's feed parser, but reading only header lines and the lines that delimit
 bodies one by one: bodies are found by searches in C and kept as their exact bytes.
 Its work is linear in the message's size, and the caller's ``check`` is called
-often enough to stop it early (at a deadline, or at a limit of parts)."""
+often enough to stop it early (at a deadline, or at a limit of parts).  Asked for
+another :class:`~smtpguard.scanners.readings.Reading`, it reads header sections,
+parameters and close delimiters as mail clients do instead, and it tells which
+other readings would read something in the message differently."""
 
 from __future__ import annotations
 
 import email.policy
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from email.message import Message as EmailMessage
 
 import attrs
 
-from smtpguard.scanners.mimefields import MAX_FIELD, boundary
+from smtpguard.scanners import readings
+from smtpguard.scanners.mimefields import MAX_FIELD, boundaries, filenames
+from smtpguard.scanners.readings import RFC, HeaderEnd, Parameters, Reading, Repeated
 
 # email.feedparser reads every line of every body through a chain of Python
 # generators.  This parser makes the same decisions on the same lines (the tests
@@ -22,6 +27,11 @@ from smtpguard.scanners.mimefields import MAX_FIELD, boundary
 # delimit bodies are looked at one by one; the rest is skipped by searches in C.
 
 _HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")  # email.feedparser.headerRE
+# A field whose name has blanks before its colon (RFC 5322 section 4.5): the name.
+_LOOSE_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[\t ]+:")
+# The fields that decide how an entity is read; when one is repeated with another
+# value, which of them counts is up to the reading.
+_DECISIVE = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
 
 # Header fields kept of one message (all its entities together), and characters
 # kept of one field (as many as the header section smtpguard relays may hold): a
@@ -44,12 +54,15 @@ def _unchecked(entities: int) -> None:
 class Entity:
     """A message or a part of one: its header ``fields`` (a message without a body)
     and either the exact bytes of its ``body`` or its ``parts``.  ``truncated``: header
-    fields were dropped or cut short (see :data:`MAX_FIELDS`, ``MAX_FIELD``)."""
+    fields were dropped or cut short (see :data:`MAX_FIELDS`, ``MAX_FIELD``).
+    ``readings``, of a parsed message: the readings (besides the one it was parsed
+    with) that read some header section, parameter or close delimiter in it otherwise."""
 
     fields: EmailMessage
     body: bytes = b""
     parts: list[Entity] | None = None
     truncated: bool = False
+    readings: frozenset[Reading] = frozenset()
 
 
 class _Boundary:
@@ -97,8 +110,10 @@ class _Parser:
     (``_read_through`` is its loops that read to the end), :meth:`entity` its
     ``_parsegen``."""
 
-    def __init__(self, data: bytes, check: Check) -> None:
+    def __init__(self, data: bytes, check: Check, reading: Reading) -> None:
         self._data = data
+        self._reading = reading
+        self.readings: set[Reading] = set()
         self._position = 0
         self._unread: list[bytes] = []
         self._ends: list[_Boundary | None] = []  # None: an empty line (in message/delivery-status)
@@ -233,19 +248,32 @@ class _Parser:
     def _header(self, entity: Entity) -> None:
         """Read the entity's header lines into its fields, one at a time (as
         FeedParser._parse_headers does, defects aside): up to the first line that
-        is not a header line, which is left unread unless it is the empty line."""
+        is not a header line, which is left unread unless it is the empty line.  Other
+        readings read on to the empty line (see :meth:`_other_line`)."""
         fields = entity.fields
         name = ""
         value: list[str] = []
         length = 0
         number = 0
         held = b""  # a "From " line past the first: dropped, unless it turns out to be the last
+        decisive: dict[str, tuple[str, str]] = {}  # of the decisive fields: the first, or last, kept
         while raw := self._readline():
             self._tick()
             if _HEADER_LINE.match(raw) is None:
-                if raw[:1] not in (b"\r", b"\n"):  # not the empty line: the body's first
-                    self._unread.append(raw)
-                break
+                if raw[:1] in (b"\r", b"\n"):  # the empty line
+                    break
+                field_line = self._other_line(raw)
+                if field_line is None:
+                    break
+                if not field_line:
+                    if name:  # its continuation lines go with the line passed over
+                        self._field(entity, value, decisive)
+                        name, value = "", []
+                    if self._reading.header_end is HeaderEnd.EMPTY_LINE_STOPPING:
+                        self._skip_to_empty_line()
+                        break
+                    continue
+                raw = field_line
             held = b""
             line = raw.decode("ascii", "surrogateescape")
             if line[0] in " \t":
@@ -257,7 +285,7 @@ class _Parser:
                         entity.truncated = True
             else:
                 if name:
-                    self._field(entity, value)
+                    self._field(entity, value, decisive)
                     name, value = "", []
                 if line.startswith("From "):
                     if number == 0:
@@ -273,15 +301,51 @@ class _Parser:
         if held:
             self._unread.append(held)  # probably the body's first line
         elif name:
-            self._field(entity, value)
+            self._field(entity, value, decisive)
+        if self._reading.repeated is Repeated.LAST:
+            for key, (field_name, text) in decisive.items():
+                if len(fields.get_all(key, ())) > 1:
+                    del fields[key]
+                    fields.set_raw(field_name, text)
 
-    def _field(self, entity: Entity, value: list[str]) -> None:
-        """Add the field made of ``value``'s lines, unless :data:`MAX_FIELDS` are kept."""
+    def _skip_to_empty_line(self) -> None:
+        """Read past the rest of a header section, up to and with its empty line,
+        searching for it as for a boundary rather than line by line."""
+        self._push(None)
+        self._read_through()
+        self._pop()
+        self._readline()
+
+    def _other_line(self, raw: bytes) -> bytes | None:
+        """A line of a header section that is not a field, as this reading takes it:
+        None where the header section ends at it (the line left unread, the body's
+        first), the line as a field where the reading takes blanks before a colon,
+        else b"" (passed over)."""
+        self.readings |= readings.OTHER_LINE
+        if self._reading.header_end is HeaderEnd.FIRST_OTHER_LINE:
+            self._unread.append(raw)
+            return None
+        loose = _LOOSE_NAME.match(raw) if self._reading.loose_names else None
+        return b"" if loose is None else loose.group(1) + raw[loose.end() - 1 :]
+
+    def _field(self, entity: Entity, value: list[str], decisive: dict[str, tuple[str, str]]) -> None:
+        """Add the field made of ``value``'s lines, unless :data:`MAX_FIELDS` are kept.
+        Of a decisive field, ``decisive`` keeps the first (or, for a reading that takes
+        the last, the last) name and value."""
         if self._fields_kept >= MAX_FIELDS:
             entity.truncated = True
             return
         self._fields_kept += 1
-        entity.fields.set_raw(*email.policy.compat32.header_source_parse(value))
+        name, text = email.policy.compat32.header_source_parse(value)
+        key = name.lower()
+        if key in _DECISIVE:
+            if key not in decisive:
+                decisive[key] = (name, text)
+            elif decisive[key][1] != text:
+                self.readings |= readings.REPEATED_FIELDS
+                if self._reading.repeated is Repeated.LAST:
+                    decisive[key] = (name, text)
+        entity.fields.set_raw(name, text)
 
     def entity(self, parent: Entity | None) -> Entity:
         """The next entity (with its parts, recursively: one call per level of nesting)."""
@@ -297,6 +361,7 @@ class _Parser:
         self._last = entity
         self._header(entity)
         fields = entity.fields
+        self._note_parameters(filenames(fields))
         if fields.get_content_type() == "message/delivery-status":
             # Blocks of fields, each ended by an empty line.
             while True:
@@ -310,7 +375,7 @@ class _Parser:
                 self._unread.append(line)
         elif fields.get_content_maintype() == "message":
             self.entity(entity)
-        elif fields.get_content_maintype() == "multipart" and (separator := boundary(fields)) is not None:
+        elif fields.get_content_maintype() == "multipart" and (separator := self._boundary(fields)) is not None:
             own = _Boundary(separator)
             if self._preamble(entity, own):
                 while self._next_part(own):
@@ -322,14 +387,29 @@ class _Parser:
             entity.body = self._read_through()[0]
         return entity
 
+    def _boundary(self, fields: EmailMessage) -> str | None:
+        """The multipart boundary as this reading reads it."""
+        found = boundaries(fields)
+        self._note_parameters(found)
+        return found[self._reading.parameters]
+
+    def _note_parameters(self, found: Mapping[Parameters, object]) -> None:
+        """Note the readings that read a parameter otherwise than the standard rule."""
+        standard = found[Parameters.STANDARD]
+        if found[Parameters.LAST] != standard:
+            self.readings |= readings.LAST_PARAMETER
+        if found[Parameters.PLAIN] != standard:
+            self.readings |= readings.PLAIN_PARAMETER
+
     def _preamble(self, entity: Entity, own: _Boundary) -> bool:
         """Read up to the first boundary: True when parts follow.  A multipart whose
         first boundary is missing or closing has the text for body (and, closing,
-        loses the rest)."""
+        loses the rest, see :meth:`_after_close`)."""
         preamble, line = self._read_through(own)
-        if line is None or own.closes(line):
+        if line is not None and own.closes(line):
+            line = self._after_close(own)
+        if line is None:
             entity.body = preamble
-            self._read_through()
             return False
         self._unread.append(line)
         return True
@@ -342,14 +422,23 @@ class _Parser:
             return False
         if not own.delimits(line):  # the feed parser asserts this cannot happen
             raise ValueError("a part ended on a line that is not its boundary")
-        if own.closes(line):
-            self._read_through()
+        if own.closes(line) and self._after_close(own) is None:
             return False
         while True:
             line = self._readline()
             if not own.delimits(line):
                 self._unread.append(line)
                 return True
+
+    def _after_close(self, own: _Boundary) -> bytes | None:
+        """Read past a close delimiter: the epilogue, or, for a reading that lets parts
+        go on after it, up to a separator of the same boundary, which is returned."""
+        while (line := self._read_through(own)[1]) is not None:
+            if not own.closes(line):
+                self.readings |= readings.SEPARATOR_AFTER_CLOSE
+                if not self._reading.close_ends:
+                    return line
+        return None
 
     def _part_done(self, entity: Entity) -> None:
         """The line end before a boundary belongs to the boundary: taken off the body
@@ -360,10 +449,14 @@ class _Parser:
         self._last = entity
 
 
-def parse(data: bytes, check: Check = _unchecked) -> Entity:
+def parse(data: bytes, check: Check = _unchecked, reading: Reading = RFC) -> Entity:
     """The entity tree of the message in ``data``, as email.feedparser would split it
     (and bodies as their exact bytes), with parameters read by
-    :mod:`~smtpguard.scanners.mimefields`.  ``check`` is called with the number of
-    entities made so far, for each entity and every :data:`CHECK_EVERY` lines looked
-    at; what it raises ends the parse.  Raises RecursionError when nested too deeply."""
-    return _Parser(data, check).entity(None)
+    :mod:`~smtpguard.scanners.mimefields`; or, given another ``reading``, as that
+    reading would.  ``check`` is called with the number of entities made so far, for
+    each entity and every :data:`CHECK_EVERY` lines looked at; what it raises ends the
+    parse.  Raises RecursionError when nested too deeply."""
+    parser = _Parser(data, check, reading)
+    root = parser.entity(None)
+    root.readings = frozenset(parser.readings - {reading})
+    return root

@@ -11,19 +11,21 @@ searching for the line that ends them, and kept as their exact bytes.
 from __future__ import annotations
 
 import binascii
+import hashlib
 import io
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from email.message import Message as EmailMessage
 from typing import IO, Protocol
 
 import attrs
 
 from smtpguard.results import ErrorKind
-from smtpguard.scanners.mimefields import MAX_FIELD, filename
+from smtpguard.scanners.mimefields import MAX_FIELD, filename, mechanism
 from smtpguard.scanners.mimeparse import MAX_FIELDS, Entity, parse
+from smtpguard.scanners.readings import RFC, Parameters, Reading, Readings
 
 CHUNK_SIZE = 256 * 1024
 # A file goes to its inspector this much at a time, the stop poll between: what an
@@ -131,19 +133,20 @@ def printable(name: str, limit: int = 200) -> str:
     return text[:limit]
 
 
-def part_name(part: EmailMessage) -> str:
-    """The part's file name (RFC 2231 and RFC 2047 decoded), or "" when it has none."""
-    return printable(filename(part))
+def part_name(part: EmailMessage, rule: Parameters = Parameters.STANDARD) -> str:
+    """The part's file name (RFC 2231 and RFC 2047 decoded, repeated parameters read
+    by ``rule``), or "" when it has none."""
+    return printable(filename(part, rule))
 
 
 def transfer_encoding(part: EmailMessage) -> str:
-    """The Content-Transfer-Encoding, lower-cased, without quotes, spaces or parameters."""
+    """The Content-Transfer-Encoding's mechanism, lower-cased, without comments,
+    quotes, spaces, parameters or anything else after it."""
     try:
-        value = str(part.get("content-transfer-encoding", "")).strip().strip('"').lower()
+        value = str(part.get("content-transfer-encoding", ""))
     except Exception:  # an undecodable header value: as good as none
         return ""
-    found = re.match(r"[a-z0-9-]*", value)
-    return found.group(0) if found else ""
+    return mechanism(value)
 
 
 def base64_text(data: bytes) -> bytes:
@@ -254,10 +257,12 @@ def is_message(head: bytes, name: str, content_type: str = "", sniff: bool = Fal
     return sniff and _HEADER_START.match(head) is not None and _MESSAGE_HEADER.search(head) is not None
 
 
-def rediscovered(body: bytes, check: Callable[[int], None] = lambda entities: None) -> Entity | None:
+def rediscovered(
+    body: bytes, check: Callable[[int], None] = lambda entities: None, reading: Reading = RFC
+) -> Entity | None:
     """A multipart whose boundary parameter is missing or wrong, re-parsed with the
     boundary its body actually uses (the first ``--token`` line that recurs);
-    ``check`` as :func:`~smtpguard.scanners.mimeparse.parse` takes it."""
+    ``check`` and ``reading`` as :func:`~smtpguard.scanners.mimeparse.parse` takes them."""
     lines = _BOUNDARY_LINE.finditer(body)
     first = next(lines, None)
     if first is None:
@@ -266,7 +271,7 @@ def rediscovered(body: bytes, check: Callable[[int], None] = lambda entities: No
     if not any(line.group(1) in (boundary, boundary + b"--") for line in lines):
         return None
     header = b'Content-Type: multipart/mixed; boundary="' + boundary.replace(b'"', b"") + b'"\r\n\r\n'
-    entity = parse(header + body, check)
+    entity = parse(header + body, check, reading)
     return entity if entity.parts is not None else None
 
 
@@ -308,6 +313,13 @@ def zip_directory_entries(spool: IO[bytes], limit: int) -> int:
         position += 46 + sum(lengths)
     spool.seek(0)
     return count
+
+
+def _leaf_key(part: Entity, path: str) -> Hashable:
+    """What the walk of a part without parts depends on: two readings that find the
+    same key find the same files in it."""
+    fields = part.fields
+    return (path, fields.get_content_type(), transfer_encoding(fields), hashlib.blake2b(part.body).digest())
 
 
 def _read_back(spool: IO[bytes]) -> Iterator[bytes]:
@@ -363,12 +375,13 @@ class Walker:
         if self._stopped():
             raise Stopped()
 
-    def _parse_check(self, prefix: str) -> Callable[[int], None]:
-        """The parser's check: stopped, or more entities than parts are left."""
+    def _parse_check(self, prefix: str, base: int | None = None) -> Callable[[int], None]:
+        """The parser's check: stopped, or more entities than parts are left (after
+        ``base`` of them, by default the parts counted so far)."""
 
         def check(entities: int) -> None:
             self._check()
-            if self.parts + entities > self._limits.max_parts:
+            if (self.parts if base is None else base) + entities > self._limits.max_parts:
                 detail = f"{prefix or BODY}: more than {self._limits.max_parts} parts"
                 raise LimitExceeded(Problem(ErrorKind.CONTENT_SIZE, detail))
 
@@ -391,32 +404,44 @@ class Walker:
     # messages
 
     def _parsed(self, chunks: Iterable[bytes], depth: int, prefix: str) -> None:
-        """Parse and walk the message in ``chunks``, whose contents are at ``depth``."""
+        """Parse and walk the message in ``chunks``, whose contents are at ``depth``:
+        once for each reading that reads its headers differently."""
         # Only the parser's own failures are the content's fault: an error reading
         # ``chunks`` (a closed spool, say) goes on up.
         data = b"".join(chunks)
-        try:
-            root = parse(data, self._parse_check(prefix))
-        except (_Abort, RecursionError):
-            raise
-        except Exception as error:  # the parser is lenient: this is a last resort
-            self._problem(ErrorKind.CORRUPT_FILE, f"{prefix or 'message'}: cannot parse: {error!r}")
-            return
-        del data
-        self._message(root, depth, prefix)
+        reads = Readings(self.parts)
+        while reads.next():
+            try:
+                # Each reading may build as many entities as the first.
+                root = parse(data, self._parse_check(prefix, reads.base), reads.reading)
+            except (_Abort, RecursionError):
+                raise
+            except Exception as error:  # the parser is lenient: this is a last resort
+                self._problem(ErrorKind.CORRUPT_FILE, f"{prefix or 'message'}: cannot parse: {error!r}")
+                return
+            reads.add(root.readings)
+            if not reads.pending:
+                del data
+            self._message(root, depth, prefix, reads)
 
-    def _message(self, root: Entity, depth: int, prefix: str) -> None:
-        """Every part of ``root``, in order.  Nested multiparts use a stack of our own,
-        not recursion: only attached messages and archives add depth.  A multipart
-        is repaired (see :func:`rediscovered`) only outside a repaired one, so each
-        byte is parsed again at most once per layer."""
+    def _message(self, root: Entity, depth: int, prefix: str, reads: Readings) -> None:
+        """Every part of ``root``, in order, as ``reads`` reads them.  Nested multiparts
+        use a stack of our own, not recursion: only attached messages and archives add
+        depth.  A multipart is repaired (see :func:`rediscovered`) only outside a
+        repaired one, so each byte is parsed again at most once per layer and reading."""
         stack: list[tuple[Entity, bool]] = [(root, False)]
         while stack:
             part, repaired = stack.pop()
             fields = part.fields
-            name = part_name(fields)
+            name = part_name(fields, reads.reading.parameters)
             path = join(prefix, name or BODY)
-            self._count_part(path)
+            leaf = part.parts is None
+            if leaf and reads.tracking and reads.seen(_leaf_key(part, path)):
+                continue  # read the same way before: looked at, and counted, then
+            if reads.again and not leaf:
+                self._check()  # a multipart or message: counted by the first reading
+            else:
+                self._count_part(path)
             if part.truncated:
                 limits = f"{MAX_FIELDS} header fields in the message or {MAX_FIELD} characters in a field"
                 self._problem(ErrorKind.CONTENT_SIZE, f"{path}: more than {limits}")
@@ -425,11 +450,11 @@ class Walker:
                     stack.extend((child, repaired) for child in reversed(part.parts))
                 elif not self._too_deep(depth, join(prefix, name or "(message)")):
                     for child in part.parts:
-                        self._message(child, depth + 1, join(prefix, name))
+                        self._message(child, depth + 1, join(prefix, name), reads)
                 continue
             data = self._decoded(fields, part.body, path)
             if fields.get_content_maintype() == "multipart" and not repaired:
-                repair = rediscovered(data, self._parse_check(prefix))
+                repair = rediscovered(data, self._parse_check(prefix), reads.reading)
                 if repair is not None:
                     stack.append((repair, True))
                     continue
