@@ -1,10 +1,12 @@
 """MIME and archive evasion through a real clamd: what clamd finds, what it answers
-OK to (true evasions, which the built-in scanner or a ``chain`` of both catches),
+OK to (true evasions, which the built-in scanner or a ``chain`` of both catches,
+a zip entry only a local header lists among them),
 and the error kinds its limit alerts become; end to end through the proxy too."""
 
 from __future__ import annotations
 
 import io
+import lzma
 import smtplib
 import struct
 import zipfile
@@ -43,6 +45,7 @@ from tests.test_builtin import (
     uuencoded,
     zipped,
 )
+from tests.test_containers import RAR, SEVEN_ZIP, entry, hidden_entry_zip, raw_zip, self_extracting
 
 ENVELOPE = Envelope(Client("192.0.2.1", 4321, helo="client.example"), SENDER)
 CLAMD_EICAR = f"{EICAR_SIGNATURE}.UNOFFICIAL"
@@ -476,6 +479,75 @@ def test_builtin_finds_eicar_in_a_base64_encoded_message_rfc822() -> None:
     """The built-in scanner alone finds EICAR in a base64 message/rfc822 part: the
     undeclared base64 run starts like a message and is opened as one."""
     assert [threat.name for threat in with_builtin(RFC822_BASE64).threats] == [EICAR_NAME]
+
+
+# -- containers: a zip behind a prefix, entries only a local header lists ---------------
+
+SELF_EXTRACTING = attached(attachment(self_extracting({"eicar.com": EICAR}), b"setup.exe"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_zip_behind_a_prefix_is_found_by_clamd_and_the_chain(clamd: Clamd, built: list[ClamdScanner]) -> None:
+    """A self-extracting setup.exe (an executable's code, then a zip holding EICAR):
+    clamd finds it, and so does the built-in scanner in the chain, which names the
+    member."""
+    assert await with_clamd(built, clamd, SELF_EXTRACTING) == CLAMD_FOUND
+    both = (Threat(CLAMD_EICAR), Threat(EICAR_NAME, "setup.exe/eicar.com"))
+    assert await with_chain(clamd, SELF_EXTRACTING) == ScanResult.infected(both, CHAIN)
+
+
+LOCAL_HEADER_ONLY = [
+    pytest.param(hidden_entry_zip(), b"files.zip", id="deflated"),
+    pytest.param(
+        raw_zip([entry("readme.txt", b"hi\r\n"), entry("eicar.com", EICAR)], listed={"readme.txt"}, described=True),
+        b"files.zip",
+        id="deflated-with-a-data-descriptor",
+    ),
+    pytest.param(zipped({"eicar.com": EICAR}, zipfile.ZIP_BZIP2)[:-22], b"files.zip", id="no-end-record-bzip2"),
+]
+
+
+@pytest.mark.parametrize(("archive", "name"), LOCAL_HEADER_ONLY)
+@pytest_twisted.ensureDeferred
+async def test_zip_entry_only_in_a_local_header_is_missed_by_clamd_and_found_by_the_chain(
+    clamd: Clamd, built: list[ClamdScanner], archive: bytes, name: bytes
+) -> None:
+    """A zip entry holding EICAR that its central directory does not list (7-Zip
+    extracts it): clamd answers OK; the built-in scanner walks the local headers too,
+    so the chain reports it infected."""
+    data = attached(attachment(archive, name))
+    assert await with_clamd(built, clamd, data) == CLAMD_CLEAN
+    assert await with_chain(clamd, data) == chain_found("files.zip/eicar.com")
+
+
+@pytest_twisted.ensureDeferred
+async def test_lzma_file_is_missed_by_clamd_and_found_by_the_chain(clamd: Clamd, built: list[ClamdScanner]) -> None:
+    """EICAR in an .lzma file (LZMA alone, as xz --format=lzma writes it): clamd
+    answers OK, the chain reports it infected."""
+    data = attached(attachment(lzma.compress(EICAR, lzma.FORMAT_ALONE), b"eicar.com.lzma"))
+    assert await with_clamd(built, clamd, data) == CLAMD_CLEAN
+    assert await with_chain(clamd, data) == chain_found("eicar.com.lzma/eicar.com")
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "detail"),
+    [
+        pytest.param(RAR, b"a.rar", "a.rar: RAR archive: not opened (smtpguard has no RAR decoder)", id="rar"),
+        pytest.param(
+            SEVEN_ZIP, b"a.7z", "a.7z: 7z archive: not opened (no 7z decoder whose memory use can be bounded)", id="7z"
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_archive_not_opened_is_an_error_of_the_chain(
+    clamd: Clamd, built: list[ClamdScanner], data: bytes, name: bytes, detail: str
+) -> None:
+    """A RAR or 7z archive (here one clamd cannot read either): clamd answers OK, the
+    built-in scanner decompress-layer, and so does the chain: never clean."""
+    message = attached(attachment(data, name))
+    assert await with_clamd(built, clamd, message) == CLAMD_CLEAN
+    expected = ScanResult.failed(ErrorKind.DECOMPRESS_LAYER, detail, "builtin")
+    assert await with_chain(clamd, message) == expected
 
 
 # -- clamd's limits, reported (AlertExceedsMax, AlertEncrypted) ------------------------

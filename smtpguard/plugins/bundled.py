@@ -27,6 +27,7 @@ def _builtin(config: Mapping[str, Any], reactor: Any) -> BuiltinScanner:
         max_depth=table.positive("max_depth", int, defaults.max_depth),
         max_parts=table.positive("max_parts", int, defaults.max_parts),
         max_expanded_size=table.positive("max_expanded_size", int, defaults.max_expanded_size),
+        max_ratio=table.positive("max_ratio", int, defaults.max_ratio),
     )
     timeout = table.positive("timeout", float, DEFAULT_TIMEOUT)
     max_scans = table.positive("max_scans", int, MAX_SCANS)

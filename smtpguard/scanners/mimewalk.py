@@ -1,5 +1,6 @@
 """Walks a message down to the files it carries: MIME parts (decoded), uuencoded
-blocks, attached messages and zip archives, within limits of depth, count and size.
+blocks, attached messages, archives and compressed files (see
+:mod:`~smtpguard.scanners.containers`), within limits of depth, count, size and ratio.
 
 It only finds and decodes; what to look for in each file is the caller's
 :class:`Inspector`.  Malformed input never raises: it becomes a :class:`Problem`.
@@ -15,7 +16,6 @@ import hashlib
 import io
 import re
 import tempfile
-import zipfile
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from email.message import Message as EmailMessage
 from typing import IO, Protocol
@@ -23,6 +23,8 @@ from typing import IO, Protocol
 import attrs
 
 from smtpguard.results import ErrorKind
+from smtpguard.scanners import containers
+from smtpguard.scanners.containers import Format
 from smtpguard.scanners.mimefields import MAX_FIELD, filename, mechanism
 from smtpguard.scanners.mimeparse import MAX_FIELDS, Entity, parse
 from smtpguard.scanners.readings import RFC, Parameters, Reading, Readings
@@ -84,11 +86,16 @@ class Inspector(Protocol):
 @attrs.frozen
 class Limits:
     """How far the walk goes: nested archives and messages (``max_depth``), parts and
-    members visited (``max_parts``) and bytes produced by decoding (``max_expanded_size``)."""
+    members visited (``max_parts``), bytes produced by decoding (``max_expanded_size``)
+    and how many times its compressed size a decompressed stream may grow to
+    (``max_ratio``, past its first MiB)."""
 
     max_depth: int = 8
     max_parts: int = 1000
     max_expanded_size: int = 100 * 1024 * 1024
+    # Deflate (zip, gzip) cannot pass about 1032 to 1: only bzip2, xz and lzma data
+    # ever goes beyond this, and then it is a bomb.
+    max_ratio: int = 2000
 
 
 @attrs.frozen
@@ -249,6 +256,17 @@ def is_zip(head: bytes, name: str, content_type: str = "") -> bool:
     return head.startswith(_ZIP_MAGIC) or name.lower().endswith(".zip") or content_type in _ZIP_TYPES
 
 
+def kind_of(head: bytes, name: str, content_type: str = "", sniff: bool = False) -> Format | None:
+    """The kind of container a file is, by its first bytes, its name and its type
+    (``sniff`` as :func:`is_message` takes it); None for a plain file."""
+    if is_zip(head, name, content_type):
+        return Format.ZIP
+    found = containers.sniff(head, name)
+    if found is not None:
+        return found
+    return Format.MESSAGE if is_message(head, name, content_type, sniff) else None
+
+
 def is_message(head: bytes, name: str, content_type: str = "", sniff: bool = False) -> bool:
     """An attached message: by type or name, or (``sniff``, for archive members that
     have no type) by a start that reads like a mail header."""
@@ -273,46 +291,6 @@ def rediscovered(
     header = b'Content-Type: multipart/mixed; boundary="' + boundary.replace(b'"', b"") + b'"\r\n\r\n'
     entity = parse(header + body, check, reading)
     return entity if entity.parts is not None else None
-
-
-_END_OF_DIRECTORY = b"PK\x05\x06"
-_ZIP64_LOCATOR = b"PK\x06\x07"
-_ZIP64_END = b"PK\x06\x06"
-_DIRECTORY_ENTRY = b"PK\x01\x02"
-
-
-def zip_directory_entries(spool: IO[bytes], limit: int) -> int:
-    """The entries of the central directory of the zip in ``spool``, counted by
-    walking it (the count its end record states can lie) and no further than
-    ``limit`` + 1; 0 when no directory is found (zipfile will say why)."""
-    spool.seek(0, io.SEEK_END)
-    size = spool.tell()
-    tail_at = max(0, size - 65_557)  # the end record and a comment of 64 KiB at most
-    spool.seek(tail_at)
-    tail = spool.read()
-    at = tail.rfind(_END_OF_DIRECTORY)
-    if at < 0 or len(tail) - at < 22:
-        spool.seek(0)
-        return 0
-    end = tail_at + at
-    directory = int.from_bytes(tail[at + 12 : at + 16], "little")
-    if directory == 0xFFFFFFFF and tail[at - 20 : at - 16] == _ZIP64_LOCATOR:
-        spool.seek(int.from_bytes(tail[at - 12 : at - 4], "little"))
-        record = spool.read(56)
-        if record[:4] == _ZIP64_END:
-            end = spool.tell() - 56
-            directory = int.from_bytes(record[40:48], "little")
-    position, count = end - directory, 0
-    while 0 <= position < end and count <= limit:
-        spool.seek(position)
-        header = spool.read(46)
-        if len(header) < 46 or header[:4] != _DIRECTORY_ENTRY:
-            break
-        count += 1
-        lengths = (int.from_bytes(header[offset : offset + 2], "little") for offset in (28, 30, 32))
-        position += 46 + sum(lengths)
-    spool.seek(0)
-    return count
 
 
 def _leaf_key(part: Entity, path: str) -> Hashable:
@@ -347,6 +325,7 @@ class Walker:
         self.problems: list[Problem] = []
         self.parts = 0
         self.expanded = 0
+        self._bounds = containers.Bounds(limits.max_ratio, limits.max_parts, self._check)
 
     def walk(self, chunks: Iterable[bytes]) -> list[Problem]:
         """Walk the message in ``chunks``.  Raises :class:`Stopped`, and whatever reading
@@ -492,16 +471,15 @@ class Walker:
             # run is a plain file, skipped when the inspector says its bytes cannot
             # match, since decoding it would show nothing.
             head = decode_base64_text(text[: HEAD // 3 * 4])
-            zipped = is_zip(head, "")
-            container = zipped or is_message(head, "", sniff=True)
-            if not container and b"=" not in text and not self._inspector.may_match_base64(text):
+            kind = kind_of(head, "", sniff=True)
+            if kind is None and b"=" not in text and not self._inspector.may_match_base64(text):
                 self._expand(base64_size(text), path)
                 continue
             block = decode_base64_text(text)
             self._expand(len(block), path)
-            if container and self._container(io.BytesIO(block), path, depth, zipped):
+            if kind is not None and self._container(io.BytesIO(block), path, depth, kind, ""):
                 continue
-            self._inspect(self._inspector.file(path), (block,))
+            self._plain_data(block, path, depth, kind)
 
     # files
 
@@ -519,57 +497,68 @@ class Walker:
     def _file(self, data: bytes, path: str, depth: int, name: str, content_type: str = "") -> None:
         """A decoded file in memory: an archive or message is opened, anything else
         (or a container too deep to open) inspected."""
-        head = data[:HEAD]
-        zipped = is_zip(head, name, content_type)
+        kind = kind_of(data[:HEAD], name, content_type)
         # Already in memory: opened in place, not copied.
-        if (zipped or is_message(head, name, content_type)) and self._container(io.BytesIO(data), path, depth, zipped):
+        if kind is not None and self._container(io.BytesIO(data), path, depth, kind, name):
             return
-        self._inspect(self._inspector.file(path), (data,))
+        self._plain_data(data, path, depth, kind)
 
-    def _container(self, spool: IO[bytes], path: str, depth: int, zipped: bool) -> bool:
-        """Open ``spool`` (at ``depth``) as a zip archive or a message; False when it is
-        too deep or cannot be opened, for the caller to inspect it as a plain file."""
+    def _plain_data(self, data: bytes, path: str, depth: int, kind: Format | None) -> None:
+        """A file in memory that is not opened as a container: inspected, and a zip it
+        ends with (behind a self-extractor's code, say) opened."""
+        self._inspect(self._inspector.file(path), (data,))
+        if kind is None and containers.ends_like_zip(data[-containers.ZIP_TAIL :]):
+            self._embedded_zip(io.BytesIO(data), path, depth)
+
+    def _plain(self, chunks: Iterable[bytes], path: str, depth: int) -> None:
+        """A file streaming by that is not opened as a container: as :meth:`_plain_data`."""
+        scout = containers.ZipScout(SPOOL_MEMORY)
+        try:
+            self._inspect(self._inspector.file(path), scout.watch(chunks))
+            if scout.spool is not None:
+                self._embedded_zip(scout.spool, path, depth)
+        finally:
+            scout.close()
+
+    def _embedded_zip(self, spool: IO[bytes], path: str, depth: int) -> None:
+        """The zip inside a file at ``depth`` that is not one, if there is one."""
+        if containers.holds_zip(spool, self._bounds) and not self._too_deep(depth, path):
+            self._open(Format.ZIP, spool, path, depth + 1, "", embedded=True)
+
+    def _container(self, spool: IO[bytes], path: str, depth: int, kind: Format, name: str) -> bool:
+        """Open ``spool`` (at ``depth``) as the ``kind`` of container it is; False when it
+        is too deep or cannot be opened, for the caller to inspect it as a plain file."""
         if self._too_deep(depth, path):
             return False
-        if zipped:
-            budget = self._limits.max_parts - self.parts
-            if zip_directory_entries(spool, budget) > budget:
-                # zipfile builds an object per directory entry before any is
-                # counted: a directory of millions is refused unread.
-                detail = f"{path}: more than {self._limits.max_parts} parts"
-                raise LimitExceeded(Problem(ErrorKind.CONTENT_SIZE, detail))
-            try:
-                archive = zipfile.ZipFile(spool)
-            except Exception as error:
-                self._problem(ErrorKind.CORRUPT_FILE, f"{path}: not a readable zip archive: {error}")
-                return False
-            self._inspect(self._inspector.container(path), _read_back(spool))
-            with archive:
-                self._archive(archive, path, depth + 1)
-            return True
         self._inspect(self._inspector.container(path), _read_back(spool))
-        self._parsed(_read_back(spool), depth + 1, path)
-        return True
+        if kind is Format.MESSAGE:
+            self._parsed(_read_back(spool), depth + 1, path)
+            return True
+        spool.seek(0)
+        source = spool if kind is Format.ZIP else containers.ChunkReader(_read_back(spool))
+        return self._open(kind, source, path, depth + 1, name)
 
-    def _archive(self, archive: zipfile.ZipFile, prefix: str, depth: int) -> None:
-        """Every member of ``archive``, whose contents are at ``depth``."""
-        for info in archive.infolist():
-            path = join(prefix, printable(info.filename) or "(unnamed)")
-            self._count_part(path)
-            if info.is_dir():
-                continue
-            if info.flag_bits & 0x1:
-                self._problem(ErrorKind.PASSWORD_PROTECTED, f"{path}: encrypted archive member")
-                continue
-            try:
-                with archive.open(info) as member:
-                    self._member(member, path, depth, info.filename)
-            except _Abort:
-                raise
-            except Exception as error:  # bad CRC, truncated or undecodable data, unsupported method
-                self._problem(ErrorKind.CORRUPT_FILE, f"{path}: {error or type(error).__name__}")
+    def _open(self, kind: Format, source: object, prefix: str, depth: int, name: str, embedded: bool = False) -> bool:
+        """Walk the members of the ``kind`` container in ``source``, whose contents are at
+        ``depth``; False when not one member could be read."""
+        opened = False
+        try:
+            for member in containers.members(kind, source, name, self._bounds, embedded):
+                opened = True
+                path = join(prefix, printable(member.name) or "(unnamed)")
+                self._count_part(path)
+                if member.problem is not None:
+                    self._problem(member.problem.kind, f"{path}: {member.problem.detail}")
+                elif member.contents is not None:
+                    try:
+                        self._member(member.contents, path, depth, member.name)
+                    except containers.ContainerError as error:
+                        self._problem(error.kind, f"{path}: {error.detail}")
+        except containers.ContainerError as error:
+            self._problem(error.kind, f"{prefix}: {error.detail}")
+        return opened
 
-    def _member(self, member: IO[bytes], path: str, depth: int, name: str) -> None:
+    def _member(self, member: containers.Readable, path: str, depth: int, name: str) -> None:
         """One archive member, read in bounded chunks: what counts is the bytes it
         actually decompresses to, never the size the archive declares."""
 
@@ -580,13 +569,20 @@ class Walker:
 
         stream = chunks()
         first = next(stream, b"")
-        head = first[:HEAD]
-        zipped = is_zip(head, name)
-        if (zipped or is_message(head, name, sniff=True)) and not self._too_deep(depth, path):
+        kind = kind_of(first[:HEAD], name, sniff=True)
+        if kind is not None and not self._too_deep(depth, path):
+            if kind in containers.STREAMED:
+                sink = self._inspector.container(path)
+                try:
+                    reader = containers.ChunkReader(_chain(first, stream), sink.update)
+                    self._open(kind, reader, path, depth + 1, name)
+                finally:
+                    sink.close()
+                return
             with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY) as spool:
                 for chunk in _chain(first, stream):
                     spool.write(chunk)
-                if not self._container(spool, path, depth, zipped):
+                if not self._container(spool, path, depth, kind, name):
                     self._inspect(self._inspector.file(path), _read_back(spool))
             return
-        self._inspect(self._inspector.file(path), _chain(first, stream))
+        self._plain(_chain(first, stream), path, depth)
