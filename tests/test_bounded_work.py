@@ -26,9 +26,10 @@ from smtpguard.scanners import mimeparse, mimewalk
 from smtpguard.scanners.builtin import EICAR, EICAR_NAME, BuiltinScanner
 from smtpguard.scanners.clamd_protocol import Reply, classify
 from smtpguard.scanners.command import DEFAULT_THREAT_PATTERN, find_threats
+from smtpguard.scanners.inline import base64_runs
 from smtpguard.scanners.mimefields import MAX_FIELD, boundary, decode_words, filename, parameters
 from smtpguard.scanners.mimeparse import CHECK_EVERY, MAX_FIELDS, Entity, parse
-from smtpguard.scanners.mimewalk import INSPECT_SIZE, Limits, Walker, base64_runs, rediscovered, uu_blocks
+from smtpguard.scanners.mimewalk import INSPECT_SIZE, Limits, Walker, rediscovered, uu_blocks
 from smtpguard.scanners.signatures import Inspection, Pattern, Signatures
 from tests.test_builtin import attachment, mail, multipart, spooled, text
 
