@@ -30,15 +30,20 @@ def _unchecked() -> None:
     pass
 
 
-def _line_end(data: bytes, at: int) -> int:
-    """Where the line that holds ``at`` ends (its "\n" or the end of ``data``)."""
-    end = data.find(b"\n", at)
+def _line_end(data: bytes, at: int, newline: bytes = b"\n") -> int:
+    """Where the line that holds ``at`` ends (its ``newline`` or the end of ``data``)."""
+    end = data.find(newline, at)
     return len(data) if end < 0 else end
 
 
-def _next_line(data: bytes, at: int) -> int:
+def _next_line(data: bytes, at: int, newline: bytes = b"\n") -> int:
     """Where the line after the one that holds ``at`` starts."""
-    return min(_line_end(data, at) + 1, len(data))
+    return min(_line_end(data, at, newline) + 1, len(data))
+
+
+def _newline(data: bytes) -> bytes:
+    """What ends ``data``'s lines: LF, or CR in text of bare CRs."""
+    return b"\n" if b"\n" in data or b"\r" not in data else b"\r"
 
 
 # -- undeclared base64 ---------------------------------------------------------------------
@@ -84,20 +89,20 @@ def base64_runs(data: bytes, check: Check = _unchecked) -> Iterator[bytes]:
         yield data[start:end]
 
 
-def _transfer_encodings(data: bytes) -> Iterator[int]:
+def _transfer_encodings(data: bytes, newline: bytes) -> Iterator[int]:
     """Where the lines that read like a Content-Transfer-Encoding field start."""
     if b":" not in data:  # searched for at memory speed: most text has none, and is done
         return
     if _TRANSFER_ENCODING.match(data):
         yield 0
-    pattern = _TRANSFER_ENCODING_AFTER[b"\n" if b"\n" in data else b"\r"]
+    pattern = _TRANSFER_ENCODING_AFTER[newline]
     at = 0
     while (found := pattern.search(data, at)) is not None:
         yield found.start() + 1
         at = found.end()
 
 
-def _after_header(data: bytes, at: int, check: Check) -> int:
+def _after_header(data: bytes, at: int, check: Check, newline: bytes) -> int:
     """Where the text after the header lines that start at ``at`` begins: past the
     empty line that ends them, or at the first line that is no header line (the
     header ran into the text)."""
@@ -112,7 +117,7 @@ def _after_header(data: bytes, at: int, check: Check) -> int:
             return at + 1
         if _HEADER_LIKE.match(data, at) is None:
             return at
-        at = _next_line(data, at)
+        at = _next_line(data, at, newline)
     return at
 
 
@@ -121,19 +126,20 @@ def declared_base64_spans(data: bytes, check: Check = _unchecked) -> Iterator[tu
     base64" (in any case, a blank before the colon or not) declares base64: from the
     end of the header lines around it to the next line that starts with "--" (a
     boundary) or reads like a Content-Transfer-Encoding, whatever its line length."""
-    starts = _transfer_encodings(data)
+    newline = _newline(data)
+    starts = _transfer_encodings(data, newline)
     line = next(starts, None)
     boundary = -1  # the last line found that starts with "--" (len(data): none is left)
     while line is not None:
         check()
-        if b"base64" not in data[line : _line_end(data, line)].lower():
+        if b"base64" not in data[line : _line_end(data, line, newline)].lower():
             line = next(starts, None)
             continue
-        begin = _after_header(data, _next_line(data, line), check)
+        begin = _after_header(data, _next_line(data, line, newline), check, newline)
         line = next((start for start in starts if start >= begin), None)
         if boundary < begin:
             # Searched again only past the last one found: each byte is searched once.
-            found = data.find(b"\n--", begin - 1 if begin else 0)
+            found = data.find(newline + b"--", begin - 1)
             boundary = len(data) if found < 0 else found + 1
         yield begin, min(boundary, len(data) if line is None else line)
 
@@ -222,9 +228,10 @@ _HEADER_REST = 21
 
 
 def _unpacked(data: bytes, check: Check) -> Iterator[bytes]:
-    """BinHex's run-length encoding undone, in pieces of about FORK_CHUNK bytes.
-    Each marker yields at most 254 bytes, so the pieces stay small whatever the
-    ratio, and the caller can stop a bomb after any one."""
+    """BinHex's run-length encoding undone, in pieces of about FORK_CHUNK bytes (or
+    one longer run of ``data`` without a marker).  A marker makes at most 254
+    bytes, so a piece stays small whatever the ratio, and the reader can stop a
+    bomb after any one."""
     pieces: list[bytes] = []
     size = 0
     last = 0
@@ -282,6 +289,7 @@ class _ChunkStream(io.RawIOBase):
 
 
 def as_file(chunks: Iterator[bytes]) -> BinaryIO:
+    """A file whose bytes are ``chunks``, made as they are read."""
     return io.BufferedReader(_ChunkStream(chunks), FORK_CHUNK)
 
 
