@@ -26,9 +26,18 @@ from smtpguard.scanners import mimeparse, mimewalk
 from smtpguard.scanners.builtin import EICAR, EICAR_NAME, BuiltinScanner
 from smtpguard.scanners.clamd_protocol import Reply, classify
 from smtpguard.scanners.command import DEFAULT_THREAT_PATTERN, find_threats
+from smtpguard.scanners.decoders import base64_readings, quoted_printable_readings
+from smtpguard.scanners.inline import (
+    BINHEX_BANNER,
+    base64_runs,
+    binhex_files,
+    decode_yenc,
+    undeclared_base64,
+    yenc_blocks,
+)
 from smtpguard.scanners.mimefields import MAX_FIELD, boundary, decode_words, filename, mechanism, parameters
 from smtpguard.scanners.mimeparse import CHECK_EVERY, MAX_FIELDS, Entity, parse
-from smtpguard.scanners.mimewalk import INSPECT_SIZE, Limits, Walker, base64_runs, rediscovered, uu_blocks
+from smtpguard.scanners.mimewalk import INSPECT_SIZE, Limits, Walker, rediscovered, uu_blocks
 from smtpguard.scanners.readings import READINGS, RFC, Reading
 from smtpguard.scanners.signatures import Inspection, Pattern, Signatures
 from tests.test_builtin import attachment, mail, multipart, spooled, text
@@ -315,6 +324,8 @@ _PIECES = [
     b"AAAA", b"QUJDREVGR0hJSktMTU5P", b"\xe9", b"\x00", b"name=", b"name*0*=",
     b"Content-Type: multipart/mixed; boundary=a\r\n", b"Content-Transfer-Encoding: base64\r\n",
     b"(", b")", b" :", b"X :", b"no colon\r\n", b"--a--\r\n", b"boundary=", b"filename=",
+    b"=ybegin ", b"=ypart ", b"=yend", b"==", b"= \r\n", b"  \r\n", b"=3D", BINHEX_BANNER + b" 4.0)", b"!!!!",
+    b"r!", b"content-transfer-encoding :", b"base64",
 ]  # fmt: skip
 
 _MESSAGE_FRAMES: list[tuple[bytes, bytes]] = [
@@ -328,6 +339,11 @@ _MESSAGE_FRAMES: list[tuple[bytes, bytes]] = [
     (b"Subject: x\r\nno colon\r\n", b""),  # a header section without its empty line, read every way
     (b"Content-Type: multipart/mixed; boundary=a; boundary=b\r\n\r\n--b\r\n", b"\r\n--b--\r\n--a--\r\n"),
     (b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\n\r\nx\r\n--a--\r\n", b"\r\n--a\r\n\r\n"),
+    (b"Content-Transfer-Encoding: base64\r\n\r\n", b""),  # base64, each reading
+    (b"Content-Transfer-Encoding: quoted-printable\r\n\r\n", b""),  # quoted-printable, each reading
+    (b"Subject: x\r\n\r\n=ybegin line=128 size=1 name=a\r\n", b"\r\n=yend size=1\r\n"),  # yEnc
+    (b"Subject: x\r\n\r\n" + BINHEX_BANNER + b" 4.0)\r\n:", b":\r\n"),  # BinHex
+    (b"Subject: x\r\n\r\nContent-Transfer-Encoding : base64\r\n", b""),  # base64 after a field-like line
 ]
 
 units = st.lists(st.sampled_from(_PIECES), min_size=1, max_size=12).map(b"".join)
@@ -389,15 +405,33 @@ def test_encoded_words_grow_linearly(unit: bytes) -> None:
 @HOSTILE
 @given(units)
 def test_uuencode_and_base64_finders_grow_linearly(unit: bytes) -> None:
-    """The uuencode block finder, the base64 run finder and the boundary rediscovery,
-    on any repeated piece."""
+    """The uuencode, yEnc and BinHex block finders (BinHex forks read whole), the
+    undeclared base64 finders and the boundary rediscovery, on any repeated piece."""
 
     def find_all(data: bytes) -> None:
         list(uu_blocks(data))
+        list(yenc_blocks(data))
+        for _, fork in binhex_files(data):
+            fork.read()
         list(base64_runs(data))
+        list(undeclared_base64(data))
         rediscovered(data)
 
     assert growth(find_all, repeated(unit)) < MAX_GROWTH
+
+
+@HOSTILE
+@given(units)
+def test_decoders_grow_linearly(unit: bytes) -> None:
+    """Every reading of base64 and of quoted-printable, and yEnc decoding, of any
+    repeated piece."""
+
+    def decode_all(data: bytes) -> None:
+        list(base64_readings(data))
+        list(quoted_printable_readings(data))
+        decode_yenc(data)
+
+    assert growth(decode_all, repeated(unit)) < MAX_GROWTH
 
 
 @HOSTILE

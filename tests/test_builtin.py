@@ -39,17 +39,9 @@ from smtpguard.plugins.bundled import builtin as builtin_plugin
 from smtpguard.results import ErrorKind, ScanResult, Threat, Verdict
 from smtpguard.scanners import mimeparse, streams
 from smtpguard.scanners.builtin import EICAR, EICAR_NAME, BuiltinScanner
-from smtpguard.scanners.mimewalk import (
-    CHUNK_SIZE,
-    Entity,
-    Limits,
-    base64_runs,
-    base64_size,
-    base64_text,
-    decode_base64,
-    decode_base64_text,
-    parse,
-)
+from smtpguard.scanners.decoders import base64_size, base64_text, decode_base64, decode_base64_text
+from smtpguard.scanners.inline import base64_runs
+from smtpguard.scanners.mimewalk import CHUNK_SIZE, Entity, Limits, parse
 from smtpguard.scanners.readings import EMAIL_PACKAGE
 from smtpguard.scanners.signatures import (
     MAX_BASE64_PATTERNS,

@@ -46,6 +46,7 @@ from tests.test_builtin import (
     zipped,
 )
 from tests.test_containers import RAR, SEVEN_ZIP, entry, hidden_entry_zip, raw_zip, self_extracting
+from tests.test_decoders import binhex, in_text, octet_stream_with, qp_soft_break_with_blanks, stray_equals, yenc
 
 ENVELOPE = Envelope(Client("192.0.2.1", 4321, helo="client.example"), SENDER)
 CLAMD_EICAR = f"{EICAR_SIGNATURE}.UNOFFICIAL"
@@ -415,6 +416,38 @@ async def test_builtin_and_the_chain_catch_what_clamd_misses(clamd: Clamd, data:
     """Each true evasion of clamd is found by the built-in scanner, so a ``chain`` in
     mode ``all`` of clamd and builtin reports it infected."""
     assert with_builtin(data) == builtin_found(file)
+    assert await with_chain(clamd, data) == chain_found(file)
+
+
+# -- forgiving decoders and inline encodings (built by tests.test_decoders) ---------------
+
+DECODER_EVASIONS = [
+    pytest.param(
+        octet_stream_with(b"Content-Transfer-Encoding: base64\r\n", stray_equals(EICAR, 41)),
+        "e.com",
+        id="base64-with-a-stray-equals-sign",
+    ),
+    pytest.param(
+        octet_stream_with(b"Content-Transfer-Encoding: quoted-printable\r\n", qp_soft_break_with_blanks(EICAR, b"  ")),
+        "e.com",
+        id="quoted-printable-soft-break-then-blanks",
+    ),
+    pytest.param(in_text(yenc(EICAR)), "eicar.com", id="yenc-block-in-a-text-part"),
+    pytest.param(in_text(binhex(EICAR)), "eicar.com", id="binhex-block-in-a-text-part"),
+]
+
+
+@pytest.mark.parametrize(("data", "file"), DECODER_EVASIONS)
+@pytest_twisted.ensureDeferred
+async def test_regression_chain_catches_what_forgiving_readers_decode_and_clamd_misses(
+    clamd: Clamd, built: list[ClamdScanner], data: bytes, file: str
+) -> None:
+    """base64 with a stray "=" (the email package and MIME-tools skip it), a
+    quoted-printable soft line break followed by blanks (RFC 2045 strips them), a
+    yEnc and a BinHex block in a text part (clients show them as attachments):
+    clamd answers OK, and the chain of clamd and builtin, which delivered them as
+    clean before builtin read them as those readers do, reports EICAR."""
+    assert await with_clamd(built, clamd, data) == CLAMD_CLEAN
     assert await with_chain(clamd, data) == chain_found(file)
 
 

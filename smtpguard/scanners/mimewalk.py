@@ -1,6 +1,8 @@
-"""Walks a message down to the files it carries: MIME parts (decoded), uuencoded
-blocks, attached messages, archives and compressed files (see
-:mod:`~smtpguard.scanners.containers`), within limits of depth, count, size and ratio.
+"""Walks a message down to the files it carries: MIME parts (decoded in each reading
+of :mod:`~smtpguard.scanners.decoders`), uuencoded, yEnc and BinHex blocks and
+undeclared base64 (see :mod:`~smtpguard.scanners.inline`), attached messages,
+archives and compressed files (see :mod:`~smtpguard.scanners.containers`), within
+limits of depth, count, size and ratio.
 
 It only finds and decodes; what to look for in each file is the caller's
 :class:`Inspector`.  Malformed input never raises: it becomes a :class:`Problem`.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import io
+import itertools
 import re
 import tempfile
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -23,8 +26,9 @@ from typing import IO, Protocol
 import attrs
 
 from smtpguard.results import ErrorKind
-from smtpguard.scanners import containers
+from smtpguard.scanners import containers, decoders, inline
 from smtpguard.scanners.containers import Format
+from smtpguard.scanners.decoders import base64_size, base64_text, decode_base64_text
 from smtpguard.scanners.mimefields import MAX_FIELD, filename, mechanism
 from smtpguard.scanners.mimeparse import MAX_FIELDS, Entity, parse
 from smtpguard.scanners.readings import RFC, Parameters, Reading, Readings
@@ -48,16 +52,6 @@ _DECODED = {"base64", "quoted-printable", "x-uuencode", "uuencode", "x-uue", "uu
 # quadratically on a line of blanks.
 _UU_BEGIN = re.compile(rb"^begin[ \t]+[0-7]{3,4}[ \t]", re.MULTILINE)
 _UU_END = re.compile(rb"^end[ \t]*\r?$", re.MULTILINE)
-# Runs of base64-looking lines: what a part without (or with a wrong)
-# Content-Transfer-Encoding, or a multipart whose boundary is broken, may still carry.
-_BASE64_RUN = re.compile(
-    rb"^[A-Za-z0-9+/]{16,}={0,2}[ \t]*\r?(?:\n|\Z)(?:[A-Za-z0-9+/]{4,}={0,2}[ \t]*\r?(?:\n|\Z))*", re.MULTILINE
-)
-# Where a run can start after the first line: the search skips from newline to
-# newline instead of trying the run's pattern at every byte.
-_BASE64_RUN_START = re.compile(rb"\n[A-Za-z0-9+/]{16}")
-_BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
-_NOT_BASE64 = bytes(byte for byte in range(256) if byte not in _BASE64_ALPHABET)
 _BOUNDARY_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-])[ \t]*\r?$", re.MULTILINE)
 _HEADER_START = re.compile(rb"[!-9;-~]+:[ \t]")
 _MESSAGE_HEADER = re.compile(rb"^(?:mime-version|content-type|received|message-id|return-path):", re.I | re.M)
@@ -156,43 +150,6 @@ def transfer_encoding(part: EmailMessage) -> str:
     return mechanism(value)
 
 
-def base64_text(data: bytes) -> bytes:
-    """``data``'s base64 characters: junk skipped, the padding at the end dropped."""
-    return data.translate(None, _NOT_BASE64).rstrip(b"=")
-
-
-def decode_base64_text(text: bytes) -> bytes:
-    """Decode :func:`base64_text`: bad padding forgiven, and data after a padded end
-    (concatenated encodings) not dropped."""
-    decoded = []
-    for segment in re.split(rb"=+", text) if b"=" in text else [text]:
-        if len(segment) % 4 == 1:
-            segment = segment[:-1]
-        if segment:
-            decoded.append(binascii.a2b_base64(segment + b"=" * (-len(segment) % 4)))
-    return b"".join(decoded)
-
-
-def decode_base64(data: bytes) -> bytes:
-    """Lenient base64: junk characters skipped, bad padding forgiven, and data after
-    a padded end (concatenated encodings) not dropped."""
-    padding = data.find(b"=")
-    if padding < 0 or not data[padding:].translate(None, _NOT_BASE64).strip(b"="):
-        # The usual shape, whole groups and padding only at the end: binascii skips
-        # line ends and junk itself, which spares a copy of the text without them.
-        try:
-            return binascii.a2b_base64(data)
-        except binascii.Error:  # a group cut short: forgiven below
-            pass
-    return decode_base64_text(base64_text(data))
-
-
-def base64_size(text: bytes) -> int:
-    """How many bytes :func:`decode_base64_text` makes of ``text``, which holds no "="."""
-    usable = len(text) - (len(text) % 4 == 1)
-    return usable * 3 // 4
-
-
 def decode_uu_lines(data: bytes, check: Check = _unchecked) -> bytes:
     decoded = []
     for line in data.split(b"\n"):
@@ -232,24 +189,6 @@ def uu_blocks(data: bytes, check: Check = _unchecked) -> Iterator[tuple[str, byt
         name = printable(rest.strip(b" \t").decode("utf-8", "replace")) or "(uuencoded)"
         yield name, decode_uu_lines(data[line_end:stop], check)
         position = end.end() if end is not None else len(data)
-
-
-def base64_runs(data: bytes, check: Check = _unchecked) -> Iterator[bytes]:
-    """The runs of base64-looking lines (24 bytes at least) in ``data``, as they stand:
-    the matches of ``_BASE64_RUN.finditer(data)``, found faster."""
-    at = 0
-    while at < len(data):
-        check()
-        run = _BASE64_RUN.match(data, at)
-        if run is not None:
-            if run.end() - at >= 24:
-                yield run.group(0)
-            at = run.end()
-            continue
-        start = _BASE64_RUN_START.search(data, at)
-        if start is None:
-            return
-        at = start.start() + 1
 
 
 def is_zip(head: bytes, name: str, content_type: str = "") -> bool:
@@ -431,51 +370,74 @@ class Walker:
                     for child in part.parts:
                         self._message(child, depth + 1, join(prefix, name), reads)
                 continue
-            data = self._decoded(fields, part.body, path)
+            readings = self._decoded(fields, part.body, path)
+            first = next(readings)
             if fields.get_content_maintype() == "multipart" and not repaired:
-                repair = rediscovered(data, self._parse_check(prefix), reads.reading)
+                repair = rediscovered(first, self._parse_check(prefix), reads.reading)
                 if repair is not None:
                     stack.append((repair, True))
                     continue
-            self._file(data, path, depth, name, fields.get_content_type())
-            self._embedded(data, fields, prefix, path, depth)
+            for data in itertools.chain([first], readings):
+                self._file(data, path, depth, name, fields.get_content_type())
+                self._embedded(data, fields, prefix, path, depth)
 
-    def _decoded(self, part: EmailMessage, raw: bytes, path: str) -> bytes:
+    def _decoded(self, part: EmailMessage, raw: bytes, path: str) -> Iterator[bytes]:
+        """The part's body decoded as its Content-Transfer-Encoding says: smtpguard's
+        own reading first, then each reading of another well-known decoder that makes
+        other bytes of it (see :mod:`~smtpguard.scanners.decoders`)."""
         encoding = transfer_encoding(part)
-        if encoding not in _DECODED:
-            return raw
         if encoding == "base64":
-            data = decode_base64(raw)
+            readings = decoders.base64_readings(raw)
         elif encoding == "quoted-printable":
-            data = binascii.a2b_qp(raw)
-        else:
+            readings = decoders.quoted_printable_readings(raw)
+        elif encoding in _DECODED:
             blocks = [block for _, block in uu_blocks(raw, self._check)]
-            data = b"".join(blocks) if blocks else decode_uu_lines(raw, self._check)
-        self._expand(len(data), path)
-        return data
+            readings = iter([b"".join(blocks) if blocks else decode_uu_lines(raw, self._check)])
+        else:
+            yield raw
+            return
+        for data in readings:
+            self._expand(len(data), path)
+            yield data
 
     def _embedded(self, data: bytes, part: EmailMessage, prefix: str, path: str, depth: int) -> None:
-        """Files hidden in a part's text: uuencoded blocks, and base64 the part did not
-        declare (no or a wrong Content-Transfer-Encoding, a broken multipart)."""
-        for name, block in uu_blocks(data, self._check):
+        """Files hidden in a part's text: uuencoded, yEnc and BinHex blocks, and base64
+        the part did not declare (no or a wrong Content-Transfer-Encoding, a broken
+        multipart)."""
+        for name, block in self._blocks(data):
             block_path = join(prefix, name)
             self._count_part(block_path)
             self._expand(len(block), block_path)
             self._file(block, block_path, depth, name)
+        for name, fork in inline.binhex_files(data, self._check):
+            name = printable(name) or "(binhex)"
+            self._count_part(join(prefix, name))
+            self._member(fork, join(prefix, name), depth, name)
         if transfer_encoding(part) in _DECODED:
             return
-        for run in base64_runs(data, self._check):
-            text = base64_text(run)
-            # A run that starts like an archive or a message is opened like one (a
-            # forwarded message sent as base64 without its headers, say); any other
-            # run is a plain file, skipped when the inspector says its bytes cannot
-            # match, since decoding it would show nothing.
-            head = decode_base64_text(text[: HEAD // 3 * 4])
-            kind = kind_of(head, "", sniff=True)
-            if kind is None and b"=" not in text and not self._inspector.may_match_base64(text):
-                self._expand(base64_size(text), path)
-                continue
-            block = decode_base64_text(text)
+        for run in inline.undeclared_base64(data, self._check):
+            self._undeclared(base64_text(run), path, depth)
+
+    def _blocks(self, data: bytes) -> Iterator[tuple[str, bytes]]:
+        """The uuencoded and yEnc blocks in ``data``: (name, decoded bytes)."""
+        if b"begin" not in data:  # in "begin 644" and "=ybegin" alike: one search rules out both
+            return
+        yield from uu_blocks(data, self._check)
+        for name, block in inline.yenc_blocks(data, self._check):
+            yield printable(name) or "(yenc)", block
+
+    def _undeclared(self, text: bytes, path: str, depth: int) -> None:
+        """Undeclared base64 (its :func:`~smtpguard.scanners.decoders.base64_text`), in
+        each reading.  A reading that starts like an archive or a message is opened
+        like one (a forwarded message sent as base64 without its headers, say); any
+        other is a plain file, skipped when the inspector says its bytes cannot match,
+        since decoding it would show nothing."""
+        head = decode_base64_text(text[: HEAD // 3 * 4])
+        kind = kind_of(head, "", sniff=True)
+        if kind is None and b"=" not in text and not self._inspector.may_match_base64(text):
+            self._expand(base64_size(text), path)
+            return
+        for block in decoders.base64_text_readings(text):
             self._expand(len(block), path)
             if kind is not None and self._container(io.BytesIO(block), path, depth, kind, ""):
                 continue
