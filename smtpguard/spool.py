@@ -89,6 +89,13 @@ class Message:
             return self._body.getbuffer()[offset : offset + size].tobytes()
         return os.pread(self._body.fileno(), size, offset)
 
+    def fileno(self) -> int | None:
+        """The descriptor of the file that holds the message from its first byte on,
+        or None when it is held in memory or shares a file at an offset."""
+        if isinstance(self._body, io.BytesIO) or self._start:
+            return None
+        return self._body.fileno()
+
     def isascii(self) -> bool:
         """Whether the message is 7-bit (RFC 6152: else the next hop needs 8BITMIME)."""
         return all(chunk.isascii() for chunk in self.chunks())

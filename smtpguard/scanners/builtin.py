@@ -17,6 +17,7 @@ from smtpguard.envelope import Envelope
 from smtpguard.interfaces import IScanner
 from smtpguard.results import ErrorKind, ScanResult, Threat
 from smtpguard.scanners.deadline import with_deadline
+from smtpguard.scanners.mapped import Mapped, message_data
 from smtpguard.scanners.mimewalk import Limits, Stopped, Walker
 from smtpguard.scanners.signatures import EICAR, EICAR_NAME, Inspection, Matcher, Signatures
 from smtpguard.scanners.workers import MAX_SCANS, MAX_SCANS_PER_CLIENT, Slots, Starter, Workers
@@ -95,7 +96,8 @@ class BuiltinScanner:
         when it turns true the scan ends with a timeout error."""
         try:
             inspection = Inspection(self._signatures)
-            problems = Walker(self._limits, inspection, stopped).walk(message.chunks())
+            with message_data(message) as data:
+                problems = Walker(self._limits, inspection, stopped).walk(data if isinstance(data, Mapped) else [data])
             threats = distinct(inspection.threats)
             if not any(threat.name == EICAR_NAME for threat in threats) and self._raw_eicar(message, stopped):
                 # A MIME structure mangled past our reading cannot hide the test file.

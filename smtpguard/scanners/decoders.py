@@ -26,6 +26,7 @@ _NOT_BASE64 = bytes(byte for byte in range(256) if byte not in _BASE64_ALPHABET)
 # Blanks that end a line (or the text).  The look-behind starts a match only at the
 # first blank of a run, and the possessive run never gives a blank back: a long run
 # of blanks that ends in something else is read once, not once per blank.
+_NOT_BASE64_OR_PADDING = _NOT_BASE64 + b"="
 _TRAILING_BLANKS = re.compile(rb"(?<![ \t])[ \t]++(?=[\r\n]|\Z)")
 _BLANK_LINE_ENDS = (b" \n", b"\t\n", b" \r", b"\t\r")
 
@@ -73,6 +74,34 @@ def _decode_padded_at_end(data: bytes) -> bytes:
         return binascii.a2b_base64(data)
     except binascii.Error:  # a group cut short
         return decode_base64_text(base64_text(data))
+
+
+def padded_inside_windows(windows: Iterable[bytes]) -> bool:
+    """:func:`padded_inside` of the text that ``windows`` make together."""
+    padded = False
+    for window in windows:
+        if not padded:
+            padding = window.find(b"=")
+            if padding < 0:
+                continue
+            padded, window = True, window[padding:]
+        if window.translate(None, _NOT_BASE64).strip(b"="):
+            return True
+    return False
+
+
+def decode_base64_windows(windows: Iterable[bytes]) -> Iterator[bytes]:
+    """:func:`decode_base64` of the text that ``windows`` make together, whose "=" (if
+    any) are all at its end, decoded a window at a time."""
+    carry = b""
+    for window in windows:
+        text = carry + window.translate(None, _NOT_BASE64_OR_PADDING)
+        whole = len(text) - len(text) % 4
+        carry = text[whole:]
+        if whole:
+            yield binascii.a2b_base64(text[:whole])
+    if len(carry) > 1:
+        yield binascii.a2b_base64(carry + b"=" * (-len(carry) % 4))
 
 
 def base64_size(text: bytes) -> int:

@@ -18,6 +18,7 @@ from email.message import Message as EmailMessage
 import attrs
 
 from smtpguard.scanners import readings
+from smtpguard.scanners.mapped import SPAN_MIN, Mapped, Span
 from smtpguard.scanners.mimefields import MAX_FIELD, boundaries, filenames
 from smtpguard.scanners.readings import RFC, HeaderEnd, Parameters, Reading, Repeated
 
@@ -59,7 +60,7 @@ class Entity:
     with) that read some header section, parameter or close delimiter in it otherwise."""
 
     fields: EmailMessage
-    body: bytes = b""
+    body: bytes | Span = b""
     parts: list[Entity] | None = None
     truncated: bool = False
     readings: frozenset[Reading] = frozenset()
@@ -110,7 +111,7 @@ class _Parser:
     (``_read_through`` is its loops that read to the end), :meth:`entity` its
     ``_parsegen``."""
 
-    def __init__(self, data: bytes, check: Check, reading: Reading) -> None:
+    def __init__(self, data: bytes | Mapped, check: Check, reading: Reading) -> None:
         self._data = data
         self._reading = reading
         self.readings: set[Reading] = set()
@@ -168,7 +169,7 @@ class _Parser:
             return b""
         return line
 
-    def _read_through(self, own: _Boundary | None = None) -> tuple[bytes, bytes | None]:
+    def _read_through(self, own: _Boundary | None = None) -> tuple[bytes | Span, bytes | None]:
         """The lines up to the (false) end of input or, with ``own``, up to a line
         ``own`` matches: (their bytes, that line, read, or None at the end)."""
         pieces: list[bytes] = []
@@ -193,16 +194,21 @@ class _Parser:
             line = data[at:stop]
             if self._ended_by(line):
                 self._position = at
-                pieces.append(data[start:at])
-                return b"".join(pieces), None
+                return self._body(pieces, start, at), None
             if own is not None and own.delimits(line):
                 self._position = stop
-                pieces.append(data[start:at])
-                return b"".join(pieces), line
+                return self._body(pieces, start, at), line
             at = self._next_line_start(at, dashes, empty)
         self._position = len(data)
-        pieces.append(data[start:])
-        return b"".join(pieces), None
+        return self._body(pieces, start, len(data)), None
+
+    def _body(self, pieces: list[bytes], start: int, stop: int) -> bytes | Span:
+        """``pieces`` then the data from ``start`` to ``stop``: a large body of a mapped
+        message stays a span of it, read later a window at a time."""
+        if not pieces and isinstance(self._data, Mapped) and stop - start >= SPAN_MIN:
+            return self._data.span(start, stop)
+        pieces.append(self._data[start:stop])
+        return b"".join(pieces)
 
     def _find(self, needle: bytes, at: int) -> int:
         """``self._data.find(needle, at)``, remembered: reading goes forward, so each
@@ -445,11 +451,12 @@ class _Parser:
         read last, unless it was a multipart's (its epilogue, which is not kept)."""
         last = self._last
         if last is not None and last.parts is None and last.fields.get_content_maintype() != "multipart":
-            last.body = _without_line_end(last.body)
+            body = last.body
+            last.body = body.without_line_end() if isinstance(body, Span) else _without_line_end(body)
         self._last = entity
 
 
-def parse(data: bytes, check: Check = _unchecked, reading: Reading = RFC) -> Entity:
+def parse(data: bytes | Mapped, check: Check = _unchecked, reading: Reading = RFC) -> Entity:
     """The entity tree of the message in ``data``, as email.feedparser would split it
     (and bodies as their exact bytes), with parameters read by
     :mod:`~smtpguard.scanners.mimefields`; or, given another ``reading``, as that

@@ -29,6 +29,7 @@ from smtpguard.results import ErrorKind
 from smtpguard.scanners import containers, decoders, inline
 from smtpguard.scanners.containers import Format
 from smtpguard.scanners.decoders import base64_size, base64_text, decode_base64_text
+from smtpguard.scanners.mapped import Mapped, Span
 from smtpguard.scanners.mimefields import MAX_FIELD, filename, mechanism
 from smtpguard.scanners.mimeparse import MAX_FIELDS, Entity, parse
 from smtpguard.scanners.readings import RFC, Parameters, Reading, Readings
@@ -40,6 +41,11 @@ CHUNK_SIZE = 256 * 1024
 INSPECT_SIZE = 64 * 1024
 # Nested archives and messages are spooled to be opened; beyond this they go to disk.
 SPOOL_MEMORY = 4 * 1024 * 1024
+# A large decoded part is searched for files in its text (uuencoded and other
+# blocks) this much at a time; each window starts this much before the last one
+# ended, so a block no longer than the overlap is always seen whole in one.
+TEXT_WINDOW = 8 * 1024 * 1024
+TEXT_OVERLAP = 1024 * 1024
 BODY = "(body)"
 HEAD = 4096  # bytes looked at to tell what a file is
 
@@ -236,13 +242,25 @@ def _leaf_key(part: Entity, path: str) -> Hashable:
     """What the walk of a part without parts depends on: two readings that find the
     same key find the same files in it."""
     fields = part.fields
-    return (path, fields.get_content_type(), transfer_encoding(fields), hashlib.blake2b(part.body).digest())
+    body = part.body
+    digest = body.digest() if isinstance(body, Span) else hashlib.blake2b(body).digest()
+    return (path, fields.get_content_type(), transfer_encoding(fields), digest)
 
 
 def _read_back(spool: IO[bytes]) -> Iterator[bytes]:
     spool.seek(0)
     while chunk := spool.read(CHUNK_SIZE):
         yield chunk
+
+
+def _text_windows(spool: IO[bytes]) -> Iterator[bytes]:
+    """``spool`` from its start in windows of TEXT_WINDOW overlapping by TEXT_OVERLAP."""
+    spool.seek(0)
+    window = spool.read(TEXT_WINDOW)
+    while window:
+        yield window
+        more = spool.read(TEXT_WINDOW - TEXT_OVERLAP)
+        window = window[-TEXT_OVERLAP:] + more if more else b""
 
 
 def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
@@ -266,9 +284,9 @@ class Walker:
         self.expanded = 0
         self._bounds = containers.Bounds(limits.max_ratio, limits.max_parts, self._check)
 
-    def walk(self, chunks: Iterable[bytes]) -> list[Problem]:
-        """Walk the message in ``chunks``.  Raises :class:`Stopped`, and whatever reading
-        ``chunks`` raises; malformed content only ever becomes a problem."""
+    def walk(self, chunks: Iterable[bytes] | Mapped) -> list[Problem]:
+        """Walk the message in ``chunks``, or mapped.  Raises :class:`Stopped`, and
+        whatever reading ``chunks`` raises; malformed content only ever becomes a problem."""
         try:
             self._parsed(chunks, depth=0, prefix="")
         except LimitExceeded as exceeded:
@@ -321,12 +339,12 @@ class Walker:
 
     # messages
 
-    def _parsed(self, chunks: Iterable[bytes], depth: int, prefix: str) -> None:
-        """Parse and walk the message in ``chunks``, whose contents are at ``depth``:
-        once for each reading that reads its headers differently."""
+    def _parsed(self, chunks: Iterable[bytes] | Mapped, depth: int, prefix: str) -> None:
+        """Parse and walk the message in ``chunks`` (or mapped), whose contents are at
+        ``depth``: once for each reading that reads its headers differently."""
         # Only the parser's own failures are the content's fault: an error reading
         # ``chunks`` (a closed spool, say) goes on up.
-        data = b"".join(chunks)
+        data = chunks if isinstance(chunks, Mapped) else b"".join(chunks)
         reads = Readings(self.parts)
         while reads.next():
             try:
@@ -370,7 +388,12 @@ class Walker:
                     for child in part.parts:
                         self._message(child, depth + 1, join(prefix, name), reads)
                 continue
-            readings = self._decoded(fields, part.body, path)
+            raw = part.body
+            if isinstance(raw, Span):
+                if self._large(raw, fields, prefix, path, depth, name):
+                    continue
+                raw = raw.tobytes()
+            readings = self._decoded(fields, raw, path)
             first = next(readings)
             if fields.get_content_maintype() == "multipart" and not repaired:
                 repair = rediscovered(first, self._parse_check(prefix), reads.reading)
@@ -380,6 +403,30 @@ class Walker:
             for data in itertools.chain([first], readings):
                 self._file(data, path, depth, name, fields.get_content_type())
                 self._embedded(data, fields, prefix, path, depth)
+
+    def _large(self, body: Span, fields: EmailMessage, prefix: str, path: str, depth: int, name: str) -> bool:
+        """A large part decoded a window at a time into a spool and walked from there;
+        False when it has to be read whole: a multipart to repair, base64 with an "="
+        before its end (read several ways), or another encoding."""
+        encoding = transfer_encoding(fields)
+        if fields.get_content_maintype() == "multipart" or (encoding in _DECODED and encoding != "base64"):
+            return False
+        if encoding == "base64" and decoders.padded_inside_windows(body.windows()):
+            return False
+        chunks = decoders.decode_base64_windows(body.windows()) if encoding == "base64" else body.windows()
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY) as spool:
+            for chunk in chunks:
+                if encoding == "base64":
+                    self._expand(len(chunk), path)
+                spool.write(chunk)
+            spool.seek(0)
+            kind = kind_of(spool.read(HEAD), name, fields.get_content_type())
+            if kind is None or not self._container(spool, path, depth, kind, name):
+                self._plain(_read_back(spool), path, depth)
+            seen: set[Hashable] = set()
+            for window in _text_windows(spool):
+                self._embedded(window, fields, prefix, path, depth, seen)
+        return True
 
     def _decoded(self, part: EmailMessage, raw: bytes, path: str) -> Iterator[bytes]:
         """The part's body decoded as its Content-Transfer-Encoding says: smtpguard's
@@ -400,23 +447,41 @@ class Walker:
             self._expand(len(data), path)
             yield data
 
-    def _embedded(self, data: bytes, part: EmailMessage, prefix: str, path: str, depth: int) -> None:
+    def _embedded(
+        self, data: bytes, part: EmailMessage, prefix: str, path: str, depth: int, seen: set[Hashable] | None = None
+    ) -> None:
         """Files hidden in a part's text: uuencoded, yEnc and BinHex blocks, and base64
         the part did not declare (no or a wrong Content-Transfer-Encoding, a broken
-        multipart)."""
+        multipart).  With ``seen`` (windows of one part that overlap), a block found
+        in a window before is passed over."""
+
+        def new(key: Hashable) -> bool:
+            if seen is None:
+                return True
+            if key in seen:
+                return False
+            seen.add(key)
+            return True
+
         for name, block in self._blocks(data):
+            if not new((name, hashlib.blake2b(block).digest())):
+                continue
             block_path = join(prefix, name)
             self._count_part(block_path)
             self._expand(len(block), block_path)
             self._file(block, block_path, depth, name)
         for name, fork in inline.binhex_files(data, self._check):
             name = printable(name) or "(binhex)"
+            if not new(("binhex", name)):
+                continue
             self._count_part(join(prefix, name))
             self._member(fork, join(prefix, name), depth, name)
         if transfer_encoding(part) in _DECODED:
             return
         for run in inline.undeclared_base64(data, self._check):
-            self._undeclared(base64_text(run), path, depth)
+            text = base64_text(run)
+            if new(hashlib.blake2b(text).digest()):
+                self._undeclared(text, path, depth)
 
     def _blocks(self, data: bytes) -> Iterator[tuple[str, bytes]]:
         """The uuencoded and yEnc blocks in ``data``: (name, decoded bytes)."""
