@@ -44,7 +44,7 @@ SPOOL_MEMORY = 4 * 1024 * 1024
 # A large decoded part is searched for files in its text (uuencoded and other
 # blocks) this much at a time; each window starts this much before the last one
 # ended, so a block no longer than the overlap is always seen whole in one.
-TEXT_WINDOW = 8 * 1024 * 1024
+TEXT_WINDOW = 4 * 1024 * 1024
 TEXT_OVERLAP = 1024 * 1024
 BODY = "(body)"
 HEAD = 4096  # bytes looked at to tell what a file is
