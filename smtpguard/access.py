@@ -1,5 +1,6 @@
 """Who may connect and how much: allowed client networks, connections and
-messages per client address."""
+messages per client address, and who may say who the client is (XFORWARD,
+XCLIENT)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,20 @@ class AccessRules:
     max_connections_per_client: int = 50
     max_messages_per_client: int = 0  # within ``rate_window`` seconds
     rate_window: float = 60.0
+    # Hosts whose XFORWARD or XCLIENT is accepted (and offered): Postfix's
+    # smtpd_authorized_xforward_hosts and smtpd_authorized_xclient_hosts.  Empty:
+    # nobody can claim another address.
+    xforward_hosts: tuple[Network, ...] = ()
+    xclient_hosts: tuple[Network, ...] = ()
 
     def allows(self, address: str) -> bool:
         return not self.allowed_clients or address_in(address, self.allowed_clients)
+
+    def may_xforward(self, address: str) -> bool:
+        return address_in(address, self.xforward_hosts)
+
+    def may_xclient(self, address: str) -> bool:
+        return address_in(address, self.xclient_hosts)
 
 
 class ClientCounters:

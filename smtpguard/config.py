@@ -188,18 +188,23 @@ def message_size(config: Config, limit: SizeLimit | None) -> int:
 
 
 def _access(table: Table, base: AccessRules) -> AccessRules:
-    allowed = base.allowed_clients
-    if "allowed_clients" in table.data:
-        try:
-            allowed = networks(table.strings("allowed_clients", ()))
-        except ValueError as error:
-            raise table.error("allowed_clients", str(error)) from None
     return AccessRules(
-        allowed_clients=allowed,
+        allowed_clients=_networks(table, "allowed_clients", base.allowed_clients),
         max_connections_per_client=_count(table, "max_connections_per_client", base.max_connections_per_client),
         max_messages_per_client=_count(table, "max_messages_per_client", base.max_messages_per_client),
         rate_window=table.positive("message_rate_window", float, base.rate_window),
+        xforward_hosts=_networks(table, "xforward_hosts", base.xforward_hosts),
+        xclient_hosts=_networks(table, "xclient_hosts", base.xclient_hosts),
     )
+
+
+def _networks(table: Table, key: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
+    if key not in table.data:
+        return default
+    try:
+        return networks(table.strings(key, ()))
+    except ValueError as error:
+        raise table.error(key, str(error)) from None
 
 
 def _count(table: Table, key: str, default: int) -> int:
@@ -211,11 +216,7 @@ def _count(table: Table, key: str, default: int) -> int:
 
 def _proxy(table: Table, enabled: bool, trusted: tuple[Network, ...]) -> tuple[bool, tuple[Network, ...]]:
     enabled = table.get("proxy_protocol", bool, enabled)
-    if "trusted_proxies" in table.data:
-        try:
-            trusted = networks(table.strings("trusted_proxies", ()))
-        except ValueError as error:
-            raise table.error("trusted_proxies", str(error)) from None
+    trusted = _networks(table, "trusted_proxies", trusted)
     if enabled and not trusted:
         raise table.error("trusted_proxies", "proxy_protocol needs the networks of the trusted proxies")
     return enabled, trusted

@@ -11,7 +11,8 @@ import ipaddress
 import re
 import string
 from collections.abc import Mapping
-from enum import Enum
+from enum import Enum, StrEnum
+from typing import Any
 
 import attrs
 
@@ -46,9 +47,42 @@ class Notify(Enum):
     DELAY = "DELAY"
 
 
+class Forwarding(StrEnum):
+    """How a host in front told smtpguard who the client is."""
+
+    XFORWARD = "XFORWARD"  # Postfix's XFORWARD_README: for one transaction
+    XCLIENT = "XCLIENT"  # Postfix's XCLIENT_README: for the rest of the session
+
+
+@attrs.frozen
+class Hop:
+    """The host that connected and spoke for the client: the MTA in front that sent
+    XFORWARD, or the proxy (nginx's mail proxy, say) that sent XCLIENT."""
+
+    command: Forwarding = attrs.field(converter=Forwarding)
+    address: str
+    port: int
+    helo: str = ""
+
+
+def _hop(value: Hop | Mapping[str, Any] | None) -> Hop | None:
+    """A Hop, also from the mapping a quarantine record keeps of it."""
+    if value is None or isinstance(value, Hop):
+        return value
+    return Hop(**value)
+
+
 @attrs.frozen
 class Client:
-    """Who is talking to us: the peer and our own endpoint, the HELO name, TLS."""
+    """Who is talking to us: the client's address, port, HELO name and host name,
+    our own endpoint, and how the message came (ESMTP, TLS).
+
+    Behind an MTA that sent XFORWARD (for one transaction) or a proxy that sent
+    XCLIENT, the client is the one they named, and ``hop`` is the host that
+    connected.  ``esmtp`` and ``tls`` are always those of the connection the
+    message came on.  An address, name, HELO, ident or login that is not known is
+    empty (``[UNAVAILABLE]`` in those commands), a port that is not known 0.
+    """
 
     address: str
     port: int
@@ -57,21 +91,47 @@ class Client:
     helo: str = ""
     esmtp: bool = True
     tls: bool = False
-    hostname: str = ""
+    hostname: str = ""  # ours
+    name: str = ""  # the client's host name, as XFORWARD or XCLIENT NAME gave it
+    login: str = ""  # XCLIENT LOGIN: the name it authenticated with at the proxy
+    # XFORWARD PROTO, "" when unavailable; None: the client talked to us (see protocol)
+    forwarded_protocol: str | None = None
+    ident: str = ""  # XFORWARD IDENT: the message's queue id on the MTA in front
+    source: str = "REMOTE"  # XFORWARD SOURCE: LOCAL or REMOTE to the MTA in front, or ""
+    hop: Hop | None = attrs.field(default=None, converter=_hop)
 
     @property
     def protocol(self) -> str:
-        """The WITH keyword of RFC 3848 for XFORWARD, and for Received: without
-        SMTPUTF8 (see :attr:`Envelope.protocol`)."""
-        if not self.esmtp:
-            return "SMTP"
-        return "ESMTPS" if self.tls else "ESMTP"
+        """The client's protocol as XFORWARD PROTO= carries it: the one the MTA in
+        front forwarded, else the WITH keyword of RFC 3848 (see
+        :attr:`Envelope.protocol` for the one of the Received: header)."""
+        if self.forwarded_protocol is not None:
+            return self.forwarded_protocol
+        return with_keyword(self.esmtp, self.tls, bool(self.login))
 
     @property
     def helo_ascii(self) -> str:
         """The HELO name as a header or command without SMTPUTF8 may carry it (its
         U-labels as A-labels), as for XFORWARD HELO=; empty if there is none."""
         return ascii_form(self.helo) or ""
+
+    @property
+    def namaddr(self) -> str:
+        """The client for logs, as Postfix writes it: ``name[address]:port``."""
+        return namaddr(self.name, self.address, self.port)
+
+
+def namaddr(name: str, address: str, port: int) -> str:
+    return f"{name}[{address or 'unknown'}]" + (f":{port}" if port else "")
+
+
+def with_keyword(esmtp: bool, tls: bool, authenticated: bool = False, smtputf8: bool = False) -> str:
+    """The WITH keyword of RFC 3848 (RFC 6531 for SMTPUTF8): "A" when the client
+    authenticated (at the proxy that sent XCLIENT LOGIN), as Postfix writes it."""
+    if not esmtp:
+        return "SMTP"
+    keyword = ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls else "")
+    return keyword + ("A" if authenticated else "")
 
 
 @attrs.frozen
@@ -107,12 +167,12 @@ class Envelope:
 
     @property
     def protocol(self) -> str:
-        """The WITH keyword for this transaction's Received: header: RFC 6531's
-        UTF8SMTP / UTF8SMTPS for an SMTPUTF8 one (smtpguard offers no AUTH, so
-        never UTF8SMTPA / UTF8SMTPSA)."""
-        if self.parameters.smtputf8:
-            return "UTF8SMTPS" if self.client.tls else "UTF8SMTP"
-        return self.client.protocol
+        """The WITH keyword for this transaction's Received: header, which traces
+        the connection the message came on: RFC 6531's UTF8SMTP / UTF8SMTPS for an
+        SMTPUTF8 one, with "A" after XCLIENT LOGIN (smtpguard itself offers no
+        AUTH)."""
+        client, smtputf8 = self.client, self.parameters.smtputf8
+        return with_keyword(client.esmtp or smtputf8, client.tls, bool(client.login), smtputf8)
 
 
 _MAIL = re.compile(r"^FROM:\s*<(.*?)>(?:\s+(.*))?$", re.I | re.S)

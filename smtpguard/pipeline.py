@@ -13,7 +13,18 @@ from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
 from smtpguard import crlf, headers, replies, rewrite, templates
-from smtpguard.envelope import BodyType, Envelope, Recipient, downgrade_refusal, relayed_dsn_recipients
+from smtpguard.domains import ascii_form
+from smtpguard.envelope import (
+    BodyType,
+    Client,
+    Envelope,
+    Forwarding,
+    Recipient,
+    downgrade_refusal,
+    namaddr,
+    relayed_dsn_recipients,
+)
+from smtpguard.headers import printable
 from smtpguard.incident import Incident, Relayed
 from smtpguard.interfaces import (
     INotifier,
@@ -37,19 +48,43 @@ HEADER_LIMIT = 1024 * 1024
 
 
 def received_header(envelope: Envelope, transaction_id: str, now: float) -> bytes:
-    """The Received: trace header of RFC 5321 section 4.4 for this transaction."""
-    client = envelope.client
-    literal = f"IPv6:{client.address}" if ":" in client.address else client.address
+    """The Received: trace header of RFC 5321 section 4.4 for this transaction.
+
+    It traces the connection the message came on: after XCLIENT, the client the
+    proxy named (the proxy passes the session on); after XFORWARD, the MTA in
+    front that connected, whose own Received: names the original client (as in
+    Postfix, whose smtpd uses XFORWARD for its logs only)."""
+    client, hop = envelope.client, envelope.client.hop
+    if hop is not None and hop.command is Forwarding.XFORWARD:
+        helo, name, address = hop.helo, "", hop.address
+    else:
+        helo, name, address = client.helo, client.name, client.address
     # Only an SMTPUTF8 transaction may carry UTF-8 in its header section.
-    helo = client.helo if envelope.parameters.smtputf8 else client.helo_ascii
+    if not envelope.parameters.smtputf8:
+        helo = ascii_form(helo) or ""
+    literal = f"[IPv6:{address}]" if ":" in address else f"[{address}]" if address else ""
+    # RFC 5321's TCP-info: the address literal, after the client's name if known.
+    info = " ".join(part for part in (name, literal) if part) or "unknown"
     lines = [
-        f"from {helo or 'unknown'} ([{literal}])",
+        f"from {helo or 'unknown'} ({info})",
         f"by {client.hostname or 'localhost'} (smtpguard) with {envelope.protocol} id {transaction_id}",
     ]
     if len(envelope.recipients) == 1:
         lines.append(f"for <{envelope.recipients[0].address}>")
     lines[-1] += f"; {format_datetime(datetime.fromtimestamp(now, UTC))}"
     return headers.field("Received", *lines)
+
+
+def _forwarded(client: Client) -> str:
+    """For the log line: who named the client, the client's queue id on the MTA in
+    front, and the name it logged in with at the proxy."""
+    if client.hop is None:
+        return ""
+    hop = client.hop
+    words = [f" via={hop.command}{namaddr('', hop.address, hop.port)}"]
+    words += [f" ident={client.ident}"] if client.ident else []
+    words += [f" login={printable(client.login)}"] if client.login else []
+    return "".join(words)
 
 
 def status_headers(result: ScanResult, hostname: str) -> bytes:
@@ -163,11 +198,12 @@ class Pipeline:
         if decision.notices and self._notifier is not None and not reply.transient:
             self._notify(incident)
         log.info(
-            "{id}: client={client} from=<{sender}> rcpts={rcpts} size={size} status={status} action={action}"
-            " reply={code}"
+            "{id}: client={client}{forwarded} from=<{sender}> rcpts={rcpts} size={size} status={status}"
+            " action={action} reply={code}"
             " ({ms:.1f} ms)",
             id=transaction_id,
-            client=f"[{envelope.client.address}]:{envelope.client.port}",
+            client=envelope.client.namaddr,
+            forwarded=_forwarded(envelope.client),
             sender=envelope.sender,
             rcpts=len(envelope.recipients),
             size=message.size,

@@ -6,6 +6,8 @@ import re
 
 import attrs
 
+from smtpguard.headers import printable
+
 _REPLY_LINE = re.compile(rb"^(\d{3})([ -]|$)(.*)$")
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?: (.*))?$", re.S)
 
@@ -128,3 +130,23 @@ CHUNK_RECEIVED = Reply(250, "2.0.0", "Ok")
 BAD_BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]; closing the connection")
 VIRUS_REJECTED = Reply(554, "5.7.1", "Message rejected: virus found")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter")
+
+# XFORWARD and XCLIENT, as Postfix's smtpd answers them (src/smtpd/smtpd.c).
+TRANSACTION_IN_PROGRESS = Reply(503, "5.5.1", "MAIL transaction in progress")
+NOT_AUTHORIZED = Reply(550, "5.7.0", "Insufficient authorization")
+XFORWARD_SYNTAX = Reply(501, "5.5.4", "Syntax: XFORWARD attribute=value...")
+XCLIENT_SYNTAX = Reply(501, "5.5.4", "Syntax: XCLIENT attribute=value...")
+ATTRIBUTE_EXPECTED = Reply(501, "5.5.4", "attribute=value expected")
+ATTRIBUTE_TOO_LONG = Reply(501, "5.5.4", "Attribute value too long")
+BAD_ATTRIBUTE_NAME = Reply(501, "5.5.4", "Bad {command} attribute name: {name}")
+BAD_ATTRIBUTE_VALUE = Reply(501, "5.5.4", "Bad {name} syntax: {value}")
+
+
+def bad_attribute_name(command: str, name: str) -> Reply:
+    """``501 5.5.4 Bad XFORWARD attribute name: FOO`` (the name made printable)."""
+    return BAD_ATTRIBUTE_NAME.with_text(BAD_ATTRIBUTE_NAME.text.format(command=command, name=printable(name)))
+
+
+def bad_attribute_value(name: str, value: str) -> Reply:
+    """``501 5.5.4 Bad ADDR syntax: 192.0.2`` (the value made printable)."""
+    return BAD_ATTRIBUTE_VALUE.with_text(BAD_ATTRIBUTE_VALUE.text.format(name=name, value=printable(value)))

@@ -21,10 +21,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from smtpguard import replies
+from smtpguard import forwarding, replies
 from smtpguard.access import ClientCounters
 from smtpguard.domains import ascii_form
-from smtpguard.envelope import BodyType, Client, Envelope, EnvelopeError, Recipient, parse_mail, parse_rcpt
+from smtpguard.envelope import (
+    BodyType,
+    Client,
+    Envelope,
+    EnvelopeError,
+    Forwarding,
+    Hop,
+    Recipient,
+    parse_mail,
+    parse_rcpt,
+)
 from smtpguard.inputbuffer import InputBuffer
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
@@ -68,6 +78,8 @@ class ESMTPServer(Protocol):
         self._chunks: LineEndingNormaliser | None = None  # BDAT data of this transaction
         self._chunk_refused = False
         self._client: Client | None = None
+        self._peer: Hop | None = None  # who connected, should it send XCLIENT
+        self._forwarded: forwarding.Forwarded | None = None  # XFORWARD for the next transaction
         self._envelope: Envelope | None = None
         self._relay: IRelaySession | None = None
         self._spool: Spool | None = None
@@ -78,7 +90,7 @@ class ESMTPServer(Protocol):
         self._write_blocked = False  # the client does not read its replies
         self._last_word: Reply | None = None  # a 421 held back while a reply is pending
         self._transaction_id = ""
-        self._counted = False  # in the per-client connection count
+        self._counted: str | None = None  # the address this connection is counted under
 
     @property
     def settings(self) -> ServerSettings:
@@ -115,6 +127,7 @@ class ESMTPServer(Protocol):
             esmtp=False,
             tls=interfaces.ISSLTransport.providedBy(self.transport),
         )
+        self._peer = Hop(Forwarding.XCLIENT, self._client.address, self._client.port)
         # Replies back-pressure the client: while the transport cannot write, no
         # more commands are read or answered (pauseProducing below).
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
@@ -125,8 +138,11 @@ class ESMTPServer(Protocol):
             return
         reactor = self.factory.reactor
         self._deadline = reactor.callLater(self.settings.session_timeout, self._timed_out, replies.SESSION_TOO_LONG)
-        self._send(replies.SERVICE_READY.with_text(f"{self.settings.hostname} ESMTP smtpguard"))
+        self._send(self._greeting())
         self._arm_idle()
+
+    def _greeting(self) -> Reply:
+        return replies.SERVICE_READY.with_text(f"{self.settings.hostname} ESMTP smtpguard")
 
     def _admission(self) -> Reply | None:
         """Why this connection may not go on, or None."""
@@ -137,16 +153,32 @@ class ESMTPServer(Protocol):
             return replies.ACCESS_DENIED
         if self.factory.connections > self.settings.max_connections:
             return replies.TOO_MANY_CONNECTIONS
-        if not self.factory.clients.connect(self._client.address):
+        return self._count_client()
+
+    def _count_client(self) -> Reply | None:
+        """Count this connection under its client's address for
+        max_connections_per_client (again after XCLIENT names another client), or
+        why it may not go on.  A host in xclient_hosts is not counted, as in
+        Postfix (smtpd.c: "we exclude xclient authorized hosts from connection
+        count/rate control"): its connections count under the clients it names."""
+        assert self._client is not None
+        if self._counted is not None:
+            self.factory.clients.disconnect(self._counted)
+            self._counted = None
+        address = self._client.address
+        if self.settings.access.may_xclient(address):
+            return None
+        if not self.factory.clients.connect(address):
             return replies.TOO_MANY_CLIENT_CONNECTIONS
-        self._counted = True
+        self._counted = address
         return None
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         self.factory.connections -= 1
         self.factory.sessions.discard(self)
-        if self._counted and self._client is not None:
-            self.factory.clients.disconnect(self._client.address)
+        if self._counted is not None:
+            self.factory.clients.disconnect(self._counted)
+            self._counted = None
         self._closing = True
         self._cancel_timers()
         self._abandon_data()
@@ -360,9 +392,15 @@ class ESMTPServer(Protocol):
         return self._then(self._reset_transaction(), reply)
 
     def _extensions(self) -> list[str]:
+        assert self._client is not None
         offered = ["PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME"]
-        if self.settings.tls is not None and self._client is not None and not self._client.tls:
+        if self.settings.tls is not None and not self._client.tls:
             offered.append("STARTTLS")
+        # Only to the hosts allowed to send them, as Postfix offers them.
+        if self.settings.access.may_xclient(self._client.address):
+            offered.append(forwarding.XCLIENT_KEYWORD)
+        if self.settings.access.may_xforward(self._client.address):
+            offered.append(forwarding.XFORWARD_KEYWORD)
         offered += ["ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN", "CHUNKING", "BINARYMIME"]
         return offered
 
@@ -378,9 +416,13 @@ class ESMTPServer(Protocol):
             sender, parameters = parse_mail(argument, self.settings.max_message_size)
         except EnvelopeError as error:
             return error.reply
-        if not self.factory.clients.message(self._client.address, self.factory.reactor.seconds()):
+        client = self._client
+        if self._forwarded is not None:
+            client = forwarding.forwarded_client(self._client, self._forwarded)
+        # Counted for the original client, when the MTA in front named it.
+        if not self.factory.clients.message(client.address or self._client.address, self.factory.reactor.seconds()):
             return replies.RATE_LIMITED
-        envelope = Envelope(self._client, sender, parameters)
+        envelope = Envelope(client, sender, parameters)
         if self._relay is None:
             self._relay = self.factory.next_hop.session()
 
@@ -523,11 +565,62 @@ class ESMTPServer(Protocol):
         # session starts over once the handshake is done.
         self._buffer.clear()
         self._envelope = None
+        self._forwarded = None
         if self._relay is not None:
             self._relay.close()
             self._relay = None
         self._client = attrs.evolve(self._client, helo="", esmtp=False, tls=True)
         self.transport.startTLS(self.settings.tls)  # type: ignore[union-attr]
+        return None
+
+    def smtp_XFORWARD(self, argument: str) -> Reply:
+        """Postfix's XFORWARD_README: the original client of the next transaction,
+        from the MTA in front.  As smtpd.c's xforward_cmd() checks: 503 in a
+        transaction, 501 without attributes, 550 from a host not in
+        xforward_hosts; then each valid command updates the attributes and gets
+        "250 2.0.0 Ok", a refused one (501) changes nothing."""
+        refusal = self._forwarding_refusal(argument, replies.XFORWARD_SYNTAX, self.settings.access.may_xforward)
+        if refusal is not None:
+            return refusal
+        try:
+            self._forwarded = forwarding.xforward(argument, self._forwarded)
+        except forwarding.Refused as refused:
+            return refused.reply
+        return replies.OK
+
+    def smtp_XCLIENT(self, argument: str) -> Reply | Deferred[Reply] | None:
+        """Postfix's XCLIENT_README, as nginx's mail proxy sends it: the client of
+        the rest of the session.  Checked as XFORWARD is; then the session goes
+        back to its greeting (a new 220, EHLO needed again unless HELO came with
+        it) and the checks made at connect are made for the new client: outside
+        allowed_clients, or over max_connections_per_client, it is refused as a
+        connection is, and closed.  Whether XCLIENT and XFORWARD are allowed is
+        asked again too, for the new address (XCLIENT_README Note 1: "Once ADDR is
+        sent, the client is usually no longer authorized to send XCLIENT")."""
+        assert self._client is not None and self._peer is not None
+        refusal = self._forwarding_refusal(argument, replies.XCLIENT_SYNTAX, self.settings.access.may_xclient)
+        if refusal is not None:
+            return refusal
+        try:
+            self._client = forwarding.xclient(argument, self._client, self._peer)
+        except forwarding.Refused as refused:
+            return refused.reply
+        refusal = replies.ACCESS_DENIED if not self.settings.access.allows(self._client.address) else None
+        refusal = refusal or self._count_client()
+        if refusal is not None:
+            self._send(refusal)
+            self._close()
+            return None
+        return self._then(self._reset_transaction(), self._greeting())
+
+    def _forwarding_refusal(self, argument: str, syntax: Reply, allowed: Callable[[str], bool]) -> Reply | None:
+        assert self._client is not None
+        if self._envelope is not None:
+            return replies.TRANSACTION_IN_PROGRESS
+        if not argument.strip(" \t"):
+            return syntax
+        if not allowed(self._client.address):
+            return replies.NOT_AUTHORIZED
         return None
 
     # -- transactions ---------------------------------------------------------------
@@ -537,6 +630,7 @@ class ESMTPServer(Protocol):
 
     def _reset_transaction(self) -> Deferred[None] | None:
         self._envelope = None
+        self._forwarded = None  # XFORWARD_README: at RSET (and EHLO, XCLIENT, as Postfix's mail_reset())
         self._abandon_data()
         if self._relay is None:
             return None
@@ -575,6 +669,7 @@ class ESMTPServer(Protocol):
             log.error("spool write failed: {error}", error=error)
             return self._then(self._reset_transaction(), replies.SPOOL_UNAVAILABLE)
         self._envelope = None
+        self._forwarded = None  # XFORWARD_README: "At the end of each MAIL FROM transaction (i.e. RSET or DOT)"
 
         def done(reply: Reply) -> Reply:
             message.close()

@@ -37,7 +37,7 @@ def values(envelope: Envelope, result: ScanResult, reason: str, subject: str, qu
     return {
         "threat": ", ".join(threat.name for threat in threats) or "-",
         "file": ", ".join(threat.file for threat in threats if threat.file) or "(message)",
-        "client": f"{client.address}:{client.port}",
+        "client": f"{client.address or 'unknown'}:{client.port}",
         "server": f"{client.server_address}:{client.server_port}",
         "sender": envelope.sender or "<>",
         "recipients": ", ".join(recipient.address for recipient in envelope.recipients),

@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpguard import replies
-from smtpguard.envelope import BodyType, Client, Envelope, Recipient, encode_xtext, mail_arguments, rcpt_arguments
+from smtpguard.envelope import BodyType, Envelope, Recipient, mail_arguments, rcpt_arguments
+from smtpguard.forwarding import xforward_commands
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
 from smtpguard.settings import UpstreamSettings, UpstreamTLS
@@ -61,20 +62,6 @@ def _tls_options(settings: UpstreamSettings) -> Any:
                 trust = ssl.Certificate.loadPEM(pem.read())
         return ssl.optionsForClientTLS(settings.tls_hostname or "localhost", trustRoot=trust)
     return ssl.CertificateOptions()
-
-
-def _xforward(client: Client, offered: str) -> str | None:
-    wanted = set(offered.upper().split())
-    address = f"IPV6:{client.address}" if ":" in client.address else client.address
-    values = {
-        "NAME": "[UNAVAILABLE]",
-        "ADDR": address,
-        "PORT": str(client.port),
-        "PROTO": client.protocol,
-        "HELO": client.helo_ascii or "[UNAVAILABLE]",
-    }
-    words = [f"{key}={encode_xtext(value)}" for key, value in values.items() if key in wanted]
-    return "XFORWARD " + " ".join(words) if words else None
 
 
 class HopState(Enum):
@@ -292,21 +279,24 @@ class UpstreamSession:
         if envelope.parameters.body is BodyType.BINARYMIME and not {"BINARYMIME", "CHUNKING"} <= self.extensions.keys():
             return replies.NEXT_HOP_NO_BINARYMIME
         offered = self.extensions.get("XFORWARD")
-        xforward = None
-        if self._settings.xforward and offered is not None and (line := _xforward(envelope.client, offered)):
-            xforward = self._command(line)
-            if "PIPELINING" not in self.extensions:
-                await xforward
+        xforward: list[Deferred[Reply]] = []
+        if self._settings.xforward and offered is not None:
+            for line in xforward_commands(envelope.client, offered):
+                xforward.append(self._command(line))
+                if "PIPELINING" not in self.extensions:
+                    await xforward[-1]
         mail = self._command("MAIL " + mail_arguments(envelope.sender, envelope.parameters, self.extensions))
-        if xforward is not None:
+        for index, waiting in enumerate(xforward):
             try:
-                refused = await xforward
+                refused = await waiting
             except Exception:
-                # Pipelined, MAIL fails with it: the same lost connection, not a
-                # second failure to be logged as unhandled.
-                mail.addErrback(lambda _: None)
+                # Pipelined, the commands after it fail with it: the same lost
+                # connection, not more failures to be logged as unhandled.
+                for later in (*xforward[index + 1 :], mail):
+                    later.addErrback(lambda _: None)
                 raise
             if refused.code != 250:
+                # As Postfix's smtp client does: the message goes on without it.
                 log.warn("next hop refused XFORWARD: {reply}", reply=refused)
         reply = await mail
         if reply.code == 250:

@@ -58,6 +58,26 @@ def decode(value: str, utf8: bool = False) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+_ESCAPE = re.compile(rb"\+([0-9A-Fa-f]{2})")
+_PLUS = re.compile(rb"\+(?![0-9A-Fa-f]{2})")
+
+
+def unquote(value: str) -> str:
+    """An XFORWARD or XCLIENT attribute value as Postfix's smtpd reads it
+    (xtext_unquote() in its global library): ``+XX`` escapes decoded, hex digits in
+    either case; a value with a "+" that starts no escape is taken as sent, since
+    both READMEs (Note 4 of XFORWARD_README, Note 3 of XCLIENT_README) ask servers
+    to take unencoded values from older senders, and nginx's mail proxy sends
+    LOGIN and NAME unencoded.  Raises XtextError when the octets are not UTF-8."""
+    raw = value.encode("utf-8")
+    if _PLUS.search(raw) is None:
+        raw = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise XtextError(f"not UTF-8 once decoded: {value!r}") from None
+
+
 def encode(value: str) -> str:
     """``value`` as RFC 3461 xtext: what is not printable ASCII, and "+" and "=",
     as ``+XX`` for each octet of its UTF-8; the inverse of :func:`decode`."""

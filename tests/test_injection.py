@@ -465,7 +465,7 @@ def test_quarantine_show_escapes_control_characters(hostile_entry: tuple[Path, s
     assert (done.returncode, done.stderr) == (0, b"")
     assert_no_control_characters(done.stdout)
     lines = done.stdout.decode().splitlines()
-    assert lines[3] == "client:      203.0.113.7:41000 helo=evil\\x1b[1A ESMTP"
+    assert lines[3] == "client:      [203.0.113.7]:41000 helo=evil\\x1b[1A ESMTP"
     assert lines[4] == "mail:        FROM:<\\x1b[2J\\x1b[Hroot@example.org>"
     assert lines[5] == (
         "rcpt:        TO:<bob@example.net\\x0d20991231T000000Z-00000000  2099-12-31T00:00:00Z  <ceo@example.org>>"

@@ -169,6 +169,12 @@ def test_store_writes_the_metadata(store: Quarantine, tmp_path: Path) -> None:
             "esmtp": True,
             "tls": True,
             "hostname": "guard.test",
+            "name": "",
+            "login": "",
+            "forwarded_protocol": None,
+            "ident": "",
+            "source": "REMOTE",
+            "hop": None,
         },
         "sender": "alice@example.org",
         "mail_parameters": {"size": 4096, "body": "8BITMIME", "smtputf8": False, "envid": "QQ314159 x", "ret": "HDRS"},
@@ -686,7 +692,7 @@ def test_command_show(filled: tuple[Path, list[str]], tmp_path: Path) -> None:
         f"id:          {first}\n"
         "time:        2026-11-29T22:45:01Z\n"
         "transaction: 0123456789AB\n"
-        "client:      203.0.113.7:41000 helo=client.example ESMTPS\n"
+        "client:      [203.0.113.7]:41000 helo=client.example ESMTPS\n"
         "mail:        FROM:<alice@example.org> SIZE=4096 BODY=8BITMIME RET=HDRS ENVID=QQ314159+20x\n"
         "rcpt:        TO:<bob@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@example.net\n"
         "rcpt:        TO:<carol@example.net> NOTIFY=NEVER\n"

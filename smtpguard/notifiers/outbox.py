@@ -117,8 +117,9 @@ class Outbox:
         self.directory = directory
         self._next_hop = next_hop
         self._retry = retry
-        # Who the next hop hears about (XFORWARD): this host, which wrote the notice.
-        self._client = Client("127.0.0.1", 0, helo=hostname, hostname=hostname)
+        # Who the next hop hears about (XFORWARD): this host, which wrote the notice,
+        # so SOURCE=LOCAL (XFORWARD_README).
+        self._client = Client("127.0.0.1", 0, helo=hostname, hostname=hostname, source="LOCAL")
         self._queued: dict[str, QueuedNotice] = {}
         self._started = False
         self._timer: IDelayedCall | None = None
