@@ -238,6 +238,14 @@ def rediscovered(
     return entity if entity.parts is not None else None
 
 
+def _first_time(seen: set[Hashable], key: Hashable) -> bool:
+    """Whether ``key`` is new to ``seen`` (it is added)."""
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
 def _leaf_key(part: Entity, path: str) -> Hashable:
     """What the walk of a part without parts depends on: two readings that find the
     same key find the same files in it."""
@@ -455,16 +463,10 @@ class Walker:
         multipart).  With ``seen`` (windows of one part that overlap), a block found
         in a window before is passed over."""
 
-        def new(key: Hashable) -> bool:
-            if seen is None:
-                return True
-            if key in seen:
-                return False
-            seen.add(key)
-            return True
-
+        # Keys are made only for overlapping windows: hashing every block and run
+        # of an ordinary part costs a pass over it.
         for name, block in self._blocks(data):
-            if not new((name, hashlib.blake2b(block).digest())):
+            if seen is not None and not _first_time(seen, (name, hashlib.blake2b(block).digest())):
                 continue
             block_path = join(prefix, name)
             self._count_part(block_path)
@@ -472,7 +474,7 @@ class Walker:
             self._file(block, block_path, depth, name)
         for name, fork in inline.binhex_files(data, self._check):
             name = printable(name) or "(binhex)"
-            if not new(("binhex", name)):
+            if seen is not None and not _first_time(seen, ("binhex", name)):
                 continue
             self._count_part(join(prefix, name))
             self._member(fork, join(prefix, name), depth, name)
@@ -480,7 +482,7 @@ class Walker:
             return
         for run in inline.undeclared_base64(data, self._check):
             text = base64_text(run)
-            if new(hashlib.blake2b(text).digest()):
+            if seen is None or _first_time(seen, hashlib.blake2b(text).digest()):
                 self._undeclared(text, path, depth)
 
     def _blocks(self, data: bytes) -> Iterator[tuple[str, bytes]]:
