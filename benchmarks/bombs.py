@@ -51,8 +51,23 @@ def many_entries(count: int) -> bytes:
     return raw_zip([(f"{n}", 0, b"", 0, 0) for n in range(count)])
 
 
-# name -> (file name, what it expands to, builder)
-BOMBS: dict[str, tuple[bytes, str, Callable[[], bytes]]] = {
+def nested_multiparts(levels: int) -> bytes:
+    """A whole message: ``levels`` multiparts inside each other around one text part."""
+    header = b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n'
+    opening = b"".join(header % (n, n) for n in range(levels))
+    closing = b"".join(b"--b%d--\r\n" % n for n in reversed(range(levels)))
+    return b"Subject: nest\r\n" + opening + b"Content-Type: text/plain\r\n\r\nhello\r\n" + closing
+
+
+def tiny_parts(count: int) -> bytes:
+    """A whole message: one multipart of ``count`` empty parts."""
+    parts = b"--b\r\n\r\n" * count
+    return b'Subject: parts\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + b"--b--\r\n"
+
+
+# name -> (file name, or None for a builder that makes the whole message; what it
+# expands to; builder)
+BOMBS: dict[str, tuple[bytes | None, str, Callable[[], bytes]]] = {
     "42.zip-like nest": (b"42.zip", "16 TiB: 4 layers of 16 zips, pages of 256 MiB", forty_two),
     "gzip of zeros": (b"zeros.gz", "10 GiB of zeros", lambda: repeated_gzip(bytes(MIB), 10 * 1024)),
     "bzip2 of zeros": (b"zeros.bz2", "4 GiB: 64 joined streams", lambda: joined(lambda data: bz2.compress(data, 9))),
@@ -60,6 +75,8 @@ BOMBS: dict[str, tuple[bytes, str, Callable[[], bytes]]] = {
     "zip with a bzip2 member": (b"bomb.zip", "4 GiB of zeros in one member", zip_bzip2_bomb),
     "tar.gz of tiny files": (b"many.tgz", "100,000 files of 1 byte", lambda: tiny_files(100_000)),
     "zip of many entries": (b"many.zip", "100,000 empty entries", lambda: many_entries(100_000)),
+    "nested multiparts": (None, "10,000 multiparts inside each other", lambda: nested_multiparts(10_000)),
+    "tiny MIME parts": (None, "100,000 empty parts", lambda: tiny_parts(100_000)),
 }
 
 
@@ -109,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names:
             filename, expands, build = BOMBS[name]
             print(f"{name}: building", file=sys.stderr)
-            message = attached(build(), filename)
+            message = build() if filename is None else attached(build(), filename)
             path = Path(directory) / "message.eml"
             path.write_bytes(message)
             del message
