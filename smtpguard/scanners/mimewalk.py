@@ -156,9 +156,18 @@ def transfer_encoding(part: EmailMessage) -> str:
     return mechanism(value)
 
 
+_LONE_CR = re.compile(rb"\r(?!\n)")
+
+
+def _lines_ended_by_lf(data: bytes) -> bytes:
+    """``data`` with a lone CR read as a line end, as Python's uudecode
+    (``splitlines``) and mail readers take it; uuencoded text has no CR of its own."""
+    return _LONE_CR.sub(b"\n", data) if data.count(b"\r") != data.count(b"\r\n") else data
+
+
 def decode_uu_lines(data: bytes, check: Check = _unchecked) -> bytes:
     decoded = []
-    for line in data.split(b"\n"):
+    for line in _lines_ended_by_lf(data).split(b"\n"):
         check()
         line = line.rstrip(b"\r")
         if not line or line in (b"`", b" "):
@@ -180,6 +189,7 @@ def uu_blocks(data: bytes, check: Check = _unchecked) -> Iterator[tuple[str, byt
     A ``begin`` line is the mode and the name, then maybe a CR, and no other CR."""
     if b"begin" not in data:
         return
+    data = _lines_ended_by_lf(data)
     position = 0
     while (begin := _UU_BEGIN.search(data, position)) is not None:
         check()
