@@ -68,6 +68,7 @@ scache unix - - n - 1 scache
 postlog unix-dgram n - n - 1 postlogd
 """
 # Mail for these domains goes into one Maildir (MAILDIR); anything else bounces.
+# No client name lookups: every client is unknown[address], whatever the resolver.
 MAILDIR = "maildir"
 MAILBOX_MAIN_CF = f"""\
 smtpd_peername_lookup = no
