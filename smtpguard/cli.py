@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from smtpguard import config as configuration
-from smtpguard.config import ConfigError
+from smtpguard.config import Config, ConfigError, Listener
 from smtpguard.quarantine_cli import add_commands as add_quarantine_commands
 
 
@@ -19,11 +19,53 @@ def check_config(arguments: argparse.Namespace) -> int:
     try:
         loaded = configuration.load(arguments.file)
         build_factory(loaded, reactor)
+        warnings = xforward_warnings(loaded)
     except ConfigError as error:
         print(f"smtpguard: {error}", file=sys.stderr)
         return 1
+    for warning in warnings:
+        print(f"smtpguard: warning: {warning}", file=sys.stderr)
     print(f"{arguments.file}: ok")
     return 0
+
+
+def xforward_warnings(config: Config) -> list[str]:
+    """A warning for each listener that takes XFORWARD (``xforward_hosts``: an MTA
+    in front, such as Postfix's after-queue content_filter) and rejects infected
+    mail: there the MTA has accepted the message already, and bounces it, virus
+    and all, to its possibly forged sender."""
+    from smtpguard.policies.default import DefaultPolicy, OnVirus
+    from smtpguard.registry import build_policy
+
+    warnings = []
+    for listener in config.listeners:
+        if not _xforward_hosts(listener):
+            continue
+        policy = build_policy(config.policy_for(listener), f"{config.source}: policy")
+        if not isinstance(policy, DefaultPolicy):
+            continue
+        banks = [("policy", policy.settings)]
+        banks += [(f"policy.rules[{index}]", rule.settings) for index, rule in enumerate(policy.rules)]
+        rejecting = [name for name, settings in banks if settings.on_virus is OnVirus.REJECT]
+        if rejecting:
+            warnings.append(
+                f"{config.source}: listener {listener.endpoint} takes XFORWARD (xforward_hosts) and rejects infected"
+                f' mail ({", ".join(rejecting)}: on_virus = "reject"). Behind Postfix\'s content_filter (after the'
+                " queue) each such 554 makes Postfix bounce the infected message to its sender, who may be forged:"
+                ' use on_virus = "replace" or "discard" there (docs/postfix.md). Behind smtpd_proxy_filter (before'
+                " the queue) rejecting is right."
+            )
+    return warnings
+
+
+def _xforward_hosts(listener: Listener) -> tuple[Any, ...]:
+    """The networks ``listener`` takes XFORWARD from (none if this version has no
+    ``xforward_hosts``)."""
+    for holder in (listener, listener.access):
+        hosts = getattr(holder, "xforward_hosts", None)
+        if hosts is not None:
+            return tuple(hosts)
+    return ()
 
 
 def scan(arguments: argparse.Namespace) -> int:

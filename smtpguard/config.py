@@ -39,6 +39,10 @@ class Config:
     notifications: Mapping[str, Any] | None = None  # the [notifications] table, checked by its builder
     max_message_size_set: bool = False  # whether [server] gives max_message_size (else: the default)
 
+    def policy_for(self, listener: Listener) -> Mapping[str, Any]:
+        """The ``[policy]`` table as ``listener`` has it: its own keys over the others."""
+        return self.policy if listener.policy is None else {**self.policy, **listener.policy}
+
 
 @attrs.frozen
 class Listener:

@@ -149,8 +149,7 @@ def build_factory(
     scanners, policy and next hop wired."""
     shared = shared or Shared.build(config, reactor)
     listener = listener or config.listeners[0]
-    policy_table = {**config.policy, **listener.policy} if listener.policy is not None else config.policy
-    policy = build_policy(policy_table, f"{config.source}: policy")
+    policy = build_policy(config.policy_for(listener), f"{config.source}: policy")
     if shared.quarantine is None and _any_setting(policy, "quarantine", "quarantine_dropped"):
         raise ConfigError(f"{config.source}: policy.quarantine: needs a [quarantine] directory")
     if shared.notifier is None and _any_setting(policy, "notify_sender_on_virus", "notify_sender_on_error_drop"):

@@ -26,7 +26,6 @@ _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]"
 _XTEXT = re.compile(rf"(?:{_XCHAR}|\+[0-9A-F]{{2}})*")
 # RFC 6531 section 3.3 lets an esmtp-value carry UTF-8 in an SMTPUTF8 transaction.
 _XTEXT_UTF8 = re.compile(rf"(?:{_XCHAR}|\+[0-9A-F]{{2}}|[^\x00-\x7f])*")
-_HEXCHAR = re.compile(r"\+([0-9A-F]{2})")
 
 # RFC 6533 section 3.  QCHAR: printable ASCII but "+", "=" and "\".
 _QCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]"
@@ -112,9 +111,9 @@ def parse_orcpt(value: str, smtputf8: bool) -> str:
 
     Allowed: ``utf-8;`` with a utf-8-addr-xtext address, or with a
     utf-8-addr-unitext one (raw UTF-8) in an SMTPUTF8 transaction;
-    ``rfc822;`` with xtext that decodes to printable ASCII, plus raw UTF-8 in an
-    SMTPUTF8 transaction; any other address type with such xtext.  At most
-    500 characters.
+    ``rfc822;`` with xtext that decodes to printable text (ASCII, or UTF-8 as
+    Postfix escapes it), plus raw UTF-8 in an SMTPUTF8 transaction; any other
+    address type with such xtext.  At most 500 characters.
 
     @raise NeedsSMTPUTF8: raw UTF-8 without SMTPUTF8.
     @raise XtextError: anything else the grammar does not allow.
@@ -130,10 +129,18 @@ def parse_orcpt(value: str, smtputf8: bool) -> str:
     if addr_type.lower() == "utf-8":
         decode_utf8_addr(address)
         return value
-    decode(address, utf8=True)
-    if not all(_PRINTABLE.fullmatch(chr(int(octet, 16))) for octet in _HEXCHAR.findall(address)):
+    # Postfix writes a UTF-8 address as rfc822 xtext, each octet escaped: allowed
+    # when the octets are UTF-8 for printable characters.
+    printable = _printable if addr_type.lower() == "rfc822" else _PRINTABLE.fullmatch
+    if not all(printable(char) for char in decode(address, utf8=True)):
         raise XtextError(f"ORCPT {value!r} does not decode to printable text")
     return value
+
+
+def _printable(char: str) -> bool:
+    """Printable ASCII or white space, or a printable non-ASCII character (no C1
+    control, line separator or undecodable octet)."""
+    return bool(_PRINTABLE.fullmatch(char)) or (not char.isascii() and char.isprintable())
 
 
 def orcpt_for_next_hop(orcpt: str, smtputf8: bool) -> str:

@@ -10,11 +10,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.strict_hop import HopSettings, StrictHop
+
+if TYPE_CHECKING:
+    from tests.postfix import PrivatePostfix
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SBIN = ("/usr/sbin", "/usr/lib/postfix/sbin")
@@ -29,6 +32,17 @@ def require_program(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def require_postfix() -> None:
+    """A private Postfix instance needs the postfix program and root (its daemons
+    run as the postfix user); without either, fails in CI and skips elsewhere."""
+    require_program("postfix")
+    if os.geteuid() != 0:
+        message = "a private Postfix instance needs root"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def free_port() -> int:
@@ -228,3 +242,36 @@ def strict_hops() -> Iterator[StrictHops]:
 def strict_hop(strict_hops: StrictHops) -> StrictHop:
     """One strict next hop with Postfix's defaults (tests/strict_hop.py)."""
     return strict_hops()
+
+
+class PostfixInstances:
+    """Starts private Postfix instances (tests/postfix.py) and stops them all."""
+
+    def __init__(self) -> None:
+        self.started: list[PrivatePostfix] = []
+
+    def __call__(self, main_cf: str = "", master_cf: str = "", listening: tuple[int, ...] = ()) -> PrivatePostfix:
+        """A started instance with ``main_cf`` and ``master_cf`` added to the common
+        settings, once it listens on each of the ``listening`` loopback ports."""
+        from tests.postfix import PrivatePostfix
+
+        require_postfix()
+        instance = PrivatePostfix(main_cf, master_cf, listening)
+        self.started.append(instance)
+        instance.start()
+        return instance
+
+    def stop(self) -> None:
+        for instance in self.started:
+            instance.stop()
+
+
+@pytest.fixture
+def private_postfix() -> Iterator[PostfixInstances]:
+    """``private_postfix(main_cf, master_cf, listening=(port, ...))`` starts a
+    Postfix instance of its own (its configuration, queue and data directories,
+    log and Maildir in a temporary directory: tests/postfix.py); all are stopped
+    (``postfix stop``) at teardown."""
+    instances = PostfixInstances()
+    yield instances
+    instances.stop()

@@ -352,6 +352,8 @@ ORCPT_ACCEPTED = [
     ("utf-8;jörg@example.com", True),  # utf-8-addr-unitext: raw UTF-8 under SMTPUTF8
     ("utf-8;jörg\\x{2B}x@例え.jp", True),
     ("rfc822;jörg@example.com", True),  # RFC 6531 3.3: an esmtp-value may carry UTF-8
+    ("rfc822;j+C3+B6rg@example.com", False),  # UTF-8 escaped octet by octet, as Postfix sends it
+    ("rfc822;j+C3+B6rg@example.com", True),
     ("rfc822;" + "a" * 493, False),  # 500 characters
 ]
 
@@ -371,7 +373,10 @@ ORCPT_REFUSED = [
     "rfc822;a+2b@example.com",  # xtext hex is upper case
     "rfc822;a+0D+0A@example.com",  # decodes to a line break
     "rfc822;a+00@example.com",  # decodes to NUL
-    "rfc822;a+C3+B6@example.com",  # decodes to non-ASCII
+    "rfc822;a+C3@example.com",  # decodes to an octet that is not UTF-8
+    "rfc822;a+C2+85@example.com",  # decodes to U+0085, a C1 control
+    "rfc822;a+E2+80+A8@example.com",  # decodes to U+2028, a line separator
+    "x400;a+C3+B6",  # other address types: ASCII only
     "utf-8;a+b@example.com",  # "+" is no QCHAR
     "utf-8;a=b@example.com",  # nor "="
     "utf-8;a\\b@example.com",  # a lone backslash

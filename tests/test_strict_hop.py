@@ -7,17 +7,11 @@ compare its replies with those of a private instance of Debian's Postfix."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import smtplib
 import socket
 import ssl
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +20,7 @@ from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
 from smtpguard.replies import Reply
-from tests.conftest import IN_CI, StrictHops, free_port, require_program, wait_for_port
+from tests.conftest import PostfixInstances, StrictHops, free_port
 from tests.strict_hop import Postfix, StrictHop, fill
 
 EHLO = b"EHLO client.test\r\n"
@@ -458,104 +452,23 @@ async def test_xforward_is_recorded(strict_hops: StrictHops) -> None:
 # -- against Debian's Postfix -------------------------------------------------------------
 
 
-class PrivatePostfix:
-    """A Postfix instance of its own (config, queue and data directories in one
-    temporary directory), its smtpd on 127.0.0.1:port set up as HopSettings()."""
-
-    MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {root}/queue
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = hop.test
-mydomain = test
-mydestination =
-relay_domains =
-mynetworks = 127.0.0.0/8
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-smtpd_banner = $myhostname ESMTP $mail_name
+# The smtpd the double stands for: Postfix's defaults, HELO required.
+STRICT_MAIN_CF = """\
 smtpd_helo_required = yes
 default_transport = discard
 relay_transport = discard
-alias_maps =
-alias_database =
-maillog_file = {root}/maillog
-maillog_file_prefixes = {root}
 """
-    SERVICES = """\
-127.0.0.1:{port} inet n - n - - smtpd
-cleanup unix n - n - 0 cleanup
-qmgr unix n - n 300 1 qmgr
-pickup unix n - n 60 1 pickup
-rewrite unix - - n - - trivial-rewrite
-bounce unix - - n - 0 bounce
-defer unix - - n - 0 bounce
-trace unix - - n - 0 bounce
-verify unix - - n - 1 verify
-proxymap unix - - n - - proxymap
-error unix - - n - - error
-discard unix - - n - - discard
-anvil unix - - n - 1 anvil
-scache unix - - n - 1 scache
-postlog unix-dgram n - n - 1 postlogd
-"""
-
-    def __init__(self) -> None:
-        # Postfix's daemons run as the postfix user: a directory it can reach.
-        self.root = Path(tempfile.mkdtemp(prefix="smtpguard-postfix-"))
-        self.root.chmod(0o755)
-        self.port = free_port()
-        self.config = self.root / "conf"
-        self.config.mkdir()
-        (self.root / "queue").mkdir()
-        (self.root / "data").mkdir()
-        shutil.chown(self.root / "data", "postfix")
-        (self.config / "main.cf").write_text(self.MAIN_CF.format(root=self.root))
-        (self.config / "master.cf").write_text(self.SERVICES.format(port=self.port))
-
-    def postfix(self, command: str) -> None:
-        subprocess.run(
-            [require_program("postfix"), "-c", str(self.config), command],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def start(self) -> None:
-        try:
-            self.postfix("start")
-            wait_for_port(self.port)
-        except (subprocess.CalledProcessError, TimeoutError) as error:
-            log = self.root / "maillog"
-            raise RuntimeError(f"Postfix did not start: {log.read_text() if log.exists() else error}") from error
-
-    def stop(self) -> None:
-        master = int((self.root / "queue" / "pid" / "master.pid").read_text())
-        self.postfix("stop")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(master, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def postfix() -> Iterator[PrivatePostfix]:
-    require_program("postfix")
-    if os.geteuid() != 0:
-        message = "a private Postfix instance needs root"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    instance = PrivatePostfix()
-    instance.start()
-    yield instance
-    instance.stop()
+def postfix() -> Iterator[int]:
+    """A private Postfix instance (tests/postfix.py) set up as HopSettings(): the
+    port of its smtpd on 127.0.0.1."""
+    instances = PostfixInstances()
+    port = free_port()
+    instances(STRICT_MAIN_CF, f"127.0.0.1:{port} inet n - n - - smtpd\n", listening=(port,))
+    yield port
+    instances.stop()
 
 
 QUEUE_ID = re.compile(rb"queued as [0-9A-Z]+")
@@ -592,9 +505,9 @@ COMPARED = {
 
 @pytest.mark.parametrize("steps", COMPARED.values(), ids=COMPARED.keys())
 @pytest_twisted.ensureDeferred
-async def test_replies_are_those_of_postfix(postfix: PrivatePostfix, strict_hop: StrictHop, steps: list[bytes]) -> None:
+async def test_replies_are_those_of_postfix(postfix: int, strict_hop: StrictHop, steps: list[bytes]) -> None:
     """The same commands get the same replies from the double as from Debian's
     Postfix smtpd (smtpd_helo_required = yes), queue ids aside."""
-    from_postfix = await in_thread(talk, postfix.port, steps)
+    from_postfix = await in_thread(talk, postfix, steps)
     from_double = await in_thread(talk, strict_hop.port, steps)
     assert comparable(steps, from_double) == comparable(steps, from_postfix)

@@ -73,6 +73,7 @@ def test_accepted_orcpt_fits_a_dsn_and_a_7bit_next_hop(address, rfc822):
         ("utf-8;j\\x{F6}rg@example.com", "utf-8;j\\x{F6}rg@example.com"),
         ("utf-8;jörg@example.com", "utf-8;j\\x{F6}rg@example.com"),
         ("rfc822;jörg@example.com", "utf-8;j\\x{F6}rg@example.com"),
+        ("rfc822;j+C3+B6rg@example.com", "utf-8;j\\x{F6}rg@example.com"),  # as Postfix sends it
         # Stored before ORCPT was checked (an old quarantine record): made safe.
         ("rfc822;a+0D+0AX-Evil:+20yes", "rfc822;a+0D+0AX-Evil:+20yes"),
         ("rfc822;a\r\nX-Evil: yes", "rfc822;a+0D+0AX-Evil:+20yes"),
