@@ -59,13 +59,8 @@ def xforward_warnings(config: Config) -> list[str]:
 
 
 def _xforward_hosts(listener: Listener) -> tuple[Any, ...]:
-    """The networks ``listener`` takes XFORWARD from (none if this version has no
-    ``xforward_hosts``)."""
-    for holder in (listener, listener.access):
-        hosts = getattr(holder, "xforward_hosts", None)
-        if hosts is not None:
-            return tuple(hosts)
-    return ()
+    """The networks ``listener`` takes XFORWARD from."""
+    return tuple(listener.access.xforward_hosts)
 
 
 def scan(arguments: argparse.Namespace) -> int:

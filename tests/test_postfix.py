@@ -650,7 +650,6 @@ async def test_before_queue_smtpguard_down_tells_the_client_to_try_later(deploy:
 ORIGINAL_CLIENT = "127.0.0.2"
 
 
-@pytest.mark.xfail(strict=True, reason="needs XFORWARD from the MTA in front (xforward_hosts)")
 @pytest.mark.parametrize("mode", ["after-queue", "before-queue"])
 @pytest_twisted.ensureDeferred
 async def test_reinjecting_smtpd_records_the_original_client(deploy: Deployments, clamd: Clamd, mode: str) -> None:
