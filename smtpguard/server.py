@@ -166,7 +166,10 @@ class ESMTPServer(Protocol):
             self.factory.clients.disconnect(self._counted)
             self._counted = None
         address = self._client.address
-        if self.settings.access.may_xclient(address):
+        # Only the host that connected is exempt: a client it names is counted even
+        # when its address is in xclient_hosts too (or re-sending XCLIENT would
+        # move a connection out of every count).
+        if self._client.hop is None and self.settings.access.may_xclient(address):
             return None
         if not self.factory.clients.connect(address):
             return replies.TOO_MANY_CLIENT_CONNECTIONS
