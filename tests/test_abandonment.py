@@ -281,3 +281,27 @@ async def test_clients_leaving_at_every_stage_at_once(listening: list[Any], stri
             assert reply[0] == 250
         told_250 += [message(f"done-{round_}-{i}") for i in range(2)]
     await afterwards(port, strict_hop, told_250)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_hears_250_only_after_the_strict_next_hop_said_250(
+    listening: list[Any], strict_hop: StrictHop
+) -> None:
+    """While the next hop (as strict as Postfix's smtpd) holds its reply to the end
+    of data, the client hears nothing for its message, for as many reactor turns as
+    it takes the next hop to answer; then it hears exactly the next hop's 250."""
+    port, _ = await start(listening, strict_hop)
+    strict_hop.gates.end_of_data.close()
+    client = await connect(port, ENVELOPE + commands("DATA"))
+    await client.wait_for_replies(5)  # greeting, EHLO, MAIL, RCPT, 354
+    client.transport.write(message("held") + b".\r\n")  # type: ignore[union-attr]
+    await strict_hop.gates.end_of_data.wait(1).addTimeout(SETTLE, reactor)
+    for _ in range(20):
+        await task.deferLater(reactor, 0, lambda: None)
+    assert (client.replies, strict_hop.queued) == (5, [])
+    strict_hop.gates.end_of_data.open()
+    await client.wait_for_replies(6)
+    [queued] = strict_hop.queued
+    size = len(queued.data)  # relayed with BDAT: Postfix counts the bytes it stored
+    assert client.heard.split(b"\r\n")[-2] == f"250 2.0.0 Ok: {size} bytes queued as {queued.queue_id}".encode()
+    await client.leave()
