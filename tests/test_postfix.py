@@ -333,10 +333,17 @@ def queue_id(answers: list[tuple[int, bytes]]) -> str:
     return answers[-1][1].decode().rpartition(" ")[2]
 
 
-def relayed_to_guard(setup: Deployment, first: str) -> str:
+async def logged(setup: Deployment, queue: str) -> list[tuple[str, str, str, str, str]]:
+    """The deliveries Postfix logged for queue file ``queue``, once there is one.
+    Processes log on their own: a re-injected message can be logged as delivered
+    before the smtp client logs that smtpguard took it, so never rely on the order."""
+    return await until(lambda: [entry for entry in deliveries(setup) if entry[0] == queue])
+
+
+async def relayed_to_guard(setup: Deployment, first: str) -> str:
     """Asserts that Postfix delivered queue file ``first`` to smtpguard, which
     answered with the re-injecting smtpd's 250; that smtpd's queue id."""
-    [(_, _, relay, status, text)] = [entry for entry in deliveries(setup) if entry[0] == first]
+    [(_, _, relay, status, text)] = await logged(setup, first)
     assert (relay, status) == (f"127.0.0.1[127.0.0.1]:{setup.guard}", "sent")
     found = re.fullmatch(r"250 2\.0\.0 Ok: \d+ bytes queued as (?P<id>[0-9A-F]+)", text)
     assert found is not None, text
@@ -380,8 +387,8 @@ async def test_after_queue_clean_message_is_delivered_unchanged(after_queue: Dep
     assert_unchanged(delivered, sent)
     assert trace(delivered) == TRACE
     assert field(delivered, "X-Virus-Status") == [b"clean"]
-    second = relayed_to_guard(after_queue, queue_id(answers))
-    assert deliveries(after_queue)[1:] == [into_maildir(second, RECIPIENT)]
+    second = await relayed_to_guard(after_queue, queue_id(answers))
+    assert await logged(after_queue, second) == [into_maildir(second, RECIPIENT)]
 
 
 @pytest_twisted.ensureDeferred
@@ -400,8 +407,8 @@ async def test_after_queue_virus_is_replaced_and_nothing_bounces(after_queue: De
         split(delivered)[1],
     )
     assert notice is not None, split(delivered)[1]
-    second = relayed_to_guard(after_queue, queue_id(answers))
-    assert deliveries(after_queue)[1:] == [into_maildir(second, RECIPIENT)]
+    second = await relayed_to_guard(after_queue, queue_id(answers))
+    assert await logged(after_queue, second) == [into_maildir(second, RECIPIENT)]
 
 
 @pytest_twisted.ensureDeferred
@@ -423,9 +430,10 @@ async def test_after_queue_discarded_virus_gets_the_sender_a_notice_without_it(
     parts = report_parts(delivered)
     assert "message/rfc822" not in parts
     assert "Subject: invoice" in parts["text/rfc822-headers"].get_payload()
-    [(first, _, relay, status, text), maildir] = deliveries(setup)
-    assert (first, relay, status, text) == (
-        queue_id(answers),
+    first = queue_id(answers)
+    [(_, _, relay, status, text)] = await logged(setup, first)
+    [maildir] = await until(lambda: [entry for entry in deliveries(setup) if entry[0] != first])
+    assert (relay, status, text) == (
         f"127.0.0.1[127.0.0.1]:{setup.guard}",
         "sent",
         wire_text(replies.DISCARDED),
@@ -444,7 +452,7 @@ async def test_after_queue_rejected_virus_is_bounced_to_the_sender(deploy: Deplo
     assert field(bounce, "Delivered-To") == [SENDER.encode()]
     assert EICAR in bounce
     rejected = replies.VIRUS_REJECTED.with_text(f"Message rejected: virus found ({THREAT})")
-    [(_, recipient, relay, status, text), _] = deliveries(setup)
+    [(_, recipient, relay, status, text)] = await logged(setup, queue_id(answers))
     assert (recipient, relay, status) == (RECIPIENT, f"127.0.0.1[127.0.0.1]:{setup.guard}", "bounced")
     assert text == f"host 127.0.0.1[127.0.0.1] said: {wire_text(rejected)} (in reply to end of DATA command)"
     assert f"{queue_id(answers)}: sender non-delivery notification: " in setup.log_text()
@@ -495,8 +503,8 @@ async def test_after_queue_smtputf8_addresses_and_headers_are_intact(after_queue
     assert field(delivered, "Return-Path") == [f"<{sender}>".encode()]
     assert field(delivered, "Delivered-To") == [recipient.encode()]
     assert b"(smtpguard) with UTF8SMTP id" in b"".join(field(delivered, "Received"))
-    second = relayed_to_guard(after_queue, queue_id(answers))
-    assert deliveries(after_queue)[1:] == [into_maildir(second, recipient)]
+    second = await relayed_to_guard(after_queue, queue_id(answers))
+    assert await logged(after_queue, second) == [into_maildir(second, recipient)]
 
 
 @pytest_twisted.ensureDeferred
@@ -661,7 +669,7 @@ async def test_reinjecting_smtpd_records_the_original_client(deploy: Deployments
     setup = deploy(mode, clamd.unix_endpoint, xforward=True, main_cf="defer_transports = virtual\n")
     answers = await in_thread(send, setup.public, message("original client"), source=ORIGINAL_CLIENT)
     await until(lambda: [entry for entry in deliveries(setup) if entry[2] == "none"])
-    reinjected = relayed_to_guard(setup, queue_id(answers)) if mode == "after-queue" else queue_id(answers)
+    reinjected = await relayed_to_guard(setup, queue_id(answers)) if mode == "after-queue" else queue_id(answers)
     [logged] = [line.split(f": {reinjected}: ")[1] for line in setup.log("smtpd") if f": {reinjected}: client=" in line]
     fields = dict(pair.split("=", 1) for pair in logged.split(", "))
     assert (fields["client"], fields["orig_client"]) == ("unknown[127.0.0.1]", f"unknown[{ORIGINAL_CLIENT}]")
