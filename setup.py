@@ -17,6 +17,7 @@ setup(
         "service-identity>=24.1",
         "pyOpenSSL>=24",
         "idna>=3.7",  # IDNA 2008 for EHLO names; Twisted already depends on it
+        "prometheus_client>=0.20",  # /metrics: the exposition format, kept by Prometheus
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "setuptools>=70.1", "wheel"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -40,6 +40,7 @@ from smtpguard.results import Action, Decision, ScanResult, Verdict
 from smtpguard.scanners.chain import combine
 from smtpguard.scanners.deadline import scan_safely, with_deadline
 from smtpguard.spool import Message
+from smtpguard.transaction import Transaction, TransactionObserver
 
 log = Logger()
 
@@ -117,6 +118,8 @@ class Pipeline:
         scan_timeout: float = 120.0,
         quarantine: IQuarantine | None = None,
         notifier: INotifier | None = None,
+        listener: str = "",
+        observers: Sequence[TransactionObserver] = (),
     ) -> None:
         verifyObject(IScanner, scanner)
         verifyObject(IPolicy, policy)
@@ -129,6 +132,8 @@ class Pipeline:
         self._scan_timeout = scan_timeout
         self._quarantine = quarantine
         self._notifier = notifier
+        self._listener = listener
+        self._observers = tuple(observers)
 
     def accepts(self, envelope: Envelope, recipient: Recipient) -> bool:
         """Whether ``recipient`` may join ``envelope``'s transaction (give this to
@@ -197,6 +202,9 @@ class Pipeline:
             return replies.LOCAL_ERROR
         if decision.notices and self._notifier is not None and not reply.transient:
             self._notify(incident)
+        self._observe(
+            Transaction(transaction_id, self._listener, envelope, message.size, result, decision.action, reply)
+        )
         log.info(
             "{id}: client={client}{forwarded} from=<{sender}> rcpts={rcpts} size={size} status={status}"
             " action={action} reply={code}"
@@ -213,6 +221,13 @@ class Pipeline:
             ms=(time.monotonic() - started) * 1000,
         )
         return reply
+
+    def _observe(self, transaction: Transaction) -> None:
+        for observer in self._observers:
+            try:
+                observer(transaction)
+            except Exception:
+                log.failure("{id}: transaction observer {observer!r} failed", id=transaction.id, observer=observer)
 
     def _relay(self, incident: Incident, message: Message, body_at: int, relay: IRelaySession) -> Deferred[Reply]:
         envelope, decision = incident.envelope, incident.decision

@@ -155,7 +155,13 @@ def build_factory(
     if shared.notifier is None and _any_setting(policy, "notify_sender_on_virus", "notify_sender_on_error_drop"):
         raise ConfigError(f"{config.source}: policy.notify_sender_on_virus: needs a [notifications] table")
     pipeline = Pipeline(
-        reactor, shared.scanner, policy, config.scan_timeout, quarantine=shared.quarantine, notifier=shared.notifier
+        reactor,
+        shared.scanner,
+        policy,
+        config.scan_timeout,
+        quarantine=shared.quarantine,
+        notifier=shared.notifier,
+        listener=listener.endpoint,
     )
     spool = config.server.spool_directory
     if spool is not None and not (os.path.isdir(spool) and os.access(spool, os.W_OK | os.X_OK)):
