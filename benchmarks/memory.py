@@ -24,6 +24,7 @@ import platform
 import random
 import shlex
 import smtplib
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -125,12 +126,12 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
-def configuration(workdir: Path, scanner: str, largest: int, socket: Path | None) -> Path:
+def configuration(workdir: Path, scanner: str, largest: int, clamd_path: Path | None) -> Path:
     """A TOML file that takes ``largest`` bytes with ``scanner``, deadlines generous."""
     limit = largest + MB
     table = f'type = "{scanner}"\ntimeout = 900\n'
     if scanner == CLAMD:
-        table += f'endpoint = "unix:{socket}"\nstream_max_length = {limit}\n'
+        table += f'endpoint = "unix:{clamd_path}"\nstream_max_length = {limit}\n'
     path = workdir / f"smtpguard-{scanner}.toml"
     path.write_text(
         f"[server]\nmax_message_size = {limit}\nmessage_timeout = 900\n\n"
@@ -170,6 +171,44 @@ def measure(workdir: Path, sink: Server, scanner: str, config: Path, size: int, 
         return Row(size, scanner, idle, peak, seconds, peak_reset)
 
 
+def hold_idle_sessions(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that read the greeting, say EHLO, read its reply and
+    then stay silent: what idle (or slow) clients cost."""
+    sessions = []
+    for _ in range(count):
+        connection = socket.create_connection((HOST, port), timeout=60)
+        sessions.append(connection)
+        connection.makefile("rb").readline()
+        connection.sendall(b"EHLO idle.example\r\n")
+        reply = connection.makefile("rb")
+        while (line := reply.readline())[3:4] == b"-":
+            pass
+        if not line.startswith(b"250 "):
+            raise BenchmarkError(f"idle session {len(sessions)}: EHLO answered {line!r}")
+    return sessions
+
+
+def measure_idle(workdir: Path, sink: Server, count: int) -> tuple[int, int]:
+    """A fresh smtpguard (built-in scanner): its VmRSS when idle, and with ``count``
+    idle sessions open."""
+    config = workdir / "smtpguard-idle.toml"
+    config.write_text(
+        f"[server]\nmax_connections = {count + 10}\nmax_connections_per_client = 0\n\n"
+        f'[[scanners]]\ntype = "{BUILTIN}"\n'
+    )
+    with ExitStack() as stack:
+        guard = start_guard(stack, workdir, sink, None, None, "smtpguard-idle", config=config)
+        deliver(guard, sink, workdir / "warm-up.eml")
+        time.sleep(1)
+        idle = status(guard.process.pid)["VmRSS"]
+        sessions = hold_idle_sessions(guard.port, count)
+        time.sleep(1)
+        held = status(guard.process.pid)["VmRSS"]
+        for connection in sessions:
+            connection.close()
+        return idle, held
+
+
 def megabytes(size: int) -> str:
     return f"{size / MB:.1f}"
 
@@ -198,6 +237,12 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--scanners", default=f"{BUILTIN},{CLAMD}", help=f"{BUILTIN}, {CLAMD} or both, comma-separated (default both)"
     )
+    parser.add_argument(
+        "--idle-sessions",
+        type=int,
+        default=2000,
+        help="also measure this many concurrent idle sessions with the built-in scanner (0: skip; default 2000)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep logs, configurations and message files here")
     arguments = parser.parse_args(argv)
     arguments.sizes = [int(float(size) * MB) for size in arguments.sizes.split(",")]
@@ -218,17 +263,29 @@ def run(arguments: argparse.Namespace) -> int:
             messages[size] = workdir / f"message-{size}.eml"
             write_message(messages[size], size)
         sink = start_sink(stack, workdir)
-        socket = None
+        clamd_path = None
         if CLAMD in arguments.scanners:
             clamd = start_clamd(stack, workdir, 2, f"StreamMaxLength {largest + MB}\n")
-            socket = clamd_socket(clamd)
+            clamd_path = clamd_socket(clamd)
         for scanner in arguments.scanners:
-            config = configuration(workdir, scanner, largest, socket)
+            config = configuration(workdir, scanner, largest, clamd_path)
             for size in arguments.sizes:
                 print(f"{scanner}, {size / MB:g} MB ...", file=sys.stderr, flush=True)
                 rows.append(measure(workdir, sink, scanner, config, size, messages[size]))
         configs = {scanner: (workdir / f"smtpguard-{scanner}.toml").read_text() for scanner in arguments.scanners}
+        idle_sessions = None
+        if arguments.idle_sessions:
+            print(f"{arguments.idle_sessions} idle sessions ...", file=sys.stderr, flush=True)
+            idle_sessions = measure_idle(workdir, sink, arguments.idle_sessions)
     print(table(rows))
+    if idle_sessions is not None:
+        idle, held = idle_sessions
+        print()
+        print(
+            f"{arguments.idle_sessions} idle sessions (greeting and EHLO read, then silent), built-in scanner: "
+            f"VmRSS {megabytes(held)} MB in all, {megabytes(held - idle)} MB above idle "
+            f"({(held - idle) / arguments.idle_sessions / 1000:.1f} KB per session)"
+        )
     print()
     print(
         "idle: VmRSS after one 20 KB message; peak: VmHWM after the large message was scanned and relayed"
