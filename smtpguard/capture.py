@@ -82,7 +82,7 @@ class Folder:
 
 
 def deliver_unchanged(
-    envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str
+    envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str, receiving: float
 ) -> Deferred[Reply]:
     """A processor that relays without scanning: for the capture target only."""
     return relay.data(message, b"")

@@ -18,9 +18,19 @@ from smtpguard.settings import ServerSettings, UpstreamSettings, UpstreamTLS
 from smtpguard.tables import ConfigError, Table, options
 
 # ConfigError, Table and options live in smtpguard.tables; plugin builders import them from here.
-__all__ = ["Config", "ConfigError", "Listener", "Table", "load", "options", "parse", "read_toml"]
+__all__ = ["Config", "ConfigError", "Listener", "LogSettings", "Table", "load", "options", "parse", "read_toml"]
 
 _SERVER_DEFAULTS = ServerSettings()
+
+
+@attrs.frozen
+class LogSettings:
+    """The ``[logging]`` table: where the transaction log goes besides the main
+    log (``file``, "-" for standard output, None for nowhere else) and as
+    what (``format``: "text" lines or "json" lines)."""
+
+    format: str = "text"
+    file: str | None = None
 
 
 @attrs.frozen
@@ -38,6 +48,7 @@ class Config:
     quarantine: Mapping[str, Any] | None = None  # the [quarantine] table, checked by its builder
     notifications: Mapping[str, Any] | None = None  # the [notifications] table, checked by its builder
     max_message_size_set: bool = False  # whether [server] gives max_message_size (else: the default)
+    logging: LogSettings = LogSettings()
 
     def policy_for(self, listener: Listener) -> Mapping[str, Any]:
         """The ``[policy]`` table as ``listener`` has it: its own keys over the others."""
@@ -152,6 +163,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
     scanning.check_unknown()
     quarantine = root.table("quarantine").data if "quarantine" in data else None
     notifications = root.table("notifications").data if "notifications" in data else None
+    logging = _logging(root.table("logging"))
     root.check_unknown()
     return Config(
         source=source,
@@ -167,6 +179,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         quarantine=quarantine,
         notifications=notifications,
         max_message_size_set="max_message_size" in server.data,
+        logging=logging,
     )
 
 
@@ -189,6 +202,17 @@ def message_size(config: Config, limit: SizeLimit | None) -> int:
         f" the largest message the scanners take: set max_message_size to {limit.size} or less,"
         f" or raise {setting}{advice}"
     )
+
+
+def _logging(table: Table) -> LogSettings:
+    log_format = table.choice("format", ("text", "json"), "text")
+    file = table.get("file", str, None)  # type: ignore[arg-type]
+    if file == "":
+        raise table.error("file", 'must be a path, or "-" for standard output')
+    if log_format == "json" and file is None:
+        raise table.error("format", 'json needs a file (a path, or "-" for standard output)')
+    table.check_unknown()
+    return LogSettings(log_format, file)
 
 
 def _access(table: Table, base: AccessRules) -> AccessRules:

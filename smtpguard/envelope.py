@@ -92,6 +92,8 @@ class Client:
     esmtp: bool = True
     tls: bool = False
     hostname: str = ""  # ours
+    tls_version: str = ""  # of the connection the message came on, once its handshake is done
+    tls_cipher: str = ""
     name: str = ""  # the client's host name, as XFORWARD or XCLIENT NAME gave it
     login: str = ""  # XCLIENT LOGIN: the name it authenticated with at the proxy
     # XFORWARD PROTO, "" when unavailable; None: the client talked to us (see protocol)

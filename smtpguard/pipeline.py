@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -16,15 +15,12 @@ from smtpguard import crlf, headers, replies, rewrite, templates
 from smtpguard.domains import ascii_form
 from smtpguard.envelope import (
     BodyType,
-    Client,
     Envelope,
     Forwarding,
     Recipient,
     downgrade_refusal,
-    namaddr,
     relayed_dsn_recipients,
 )
-from smtpguard.headers import printable
 from smtpguard.incident import Incident, Relayed
 from smtpguard.interfaces import (
     INotifier,
@@ -36,11 +32,11 @@ from smtpguard.interfaces import (
     IScanner,
 )
 from smtpguard.replies import Reply
-from smtpguard.results import Action, Decision, ScanResult, Verdict
-from smtpguard.scanners.chain import combine
-from smtpguard.scanners.deadline import scan_safely, with_deadline
+from smtpguard.results import Action, Decision, ErrorKind, ScanResult, Verdict
+from smtpguard.scanners.chain import Scanned, combine, scan_timed
+from smtpguard.scanners.deadline import within
 from smtpguard.spool import Message
-from smtpguard.transaction import Transaction, TransactionObserver
+from smtpguard.transaction import ScannerRun, Timings, Transaction, TransactionObserver
 
 log = Logger()
 
@@ -76,18 +72,6 @@ def received_header(envelope: Envelope, transaction_id: str, now: float) -> byte
     return headers.field("Received", *lines)
 
 
-def _forwarded(client: Client) -> str:
-    """For the log line: who named the client, the client's queue id on the MTA in
-    front, and the name it logged in with at the proxy."""
-    if client.hop is None:
-        return ""
-    hop = client.hop
-    words = [f" via={hop.command}{namaddr('', hop.address, hop.port)}"]
-    words += [f" ident={client.ident}"] if client.ident else []
-    words += [f" login={printable(client.login)}"] if client.login else []
-    return "".join(words)
-
-
 def status_headers(result: ScanResult, hostname: str) -> bytes:
     scanner = result.scanner or "none"
     scanned = headers.field("X-Virus-Scanned", f"smtpguard ({scanner}) on {hostname or 'localhost'}", text=True)
@@ -103,6 +87,50 @@ def _extensions(relay: IRelaySession) -> Mapping[str, str] | None:
     optional ``extensions`` of IRelaySession)."""
     extensions = getattr(relay, "extensions", None)
     return extensions if isinstance(extensions, Mapping) else None
+
+
+class _Progress:
+    """What is known of a transaction so far, while the pipeline handles it."""
+
+    def __init__(self, clock: Any, receiving: float) -> None:
+        self._clock = clock
+        self._started = clock.seconds()
+        self._receiving = receiving
+        self._scanning = self._relaying = 0.0
+        # Should processing fail before the scan ends, the message counts as unscanned.
+        self.result = ScanResult.failed(ErrorKind.OTHER, "not scanned")
+        self.scans: tuple[ScannerRun, ...] = ()
+        self.action: Action | None = None
+        self.reason = ""
+        self.next_hop: Reply | None = None
+
+    def scanned(self, scanned: Scanned) -> None:
+        self.result, self.scans = scanned.result, scanned.runs
+        self._scanning = self._clock.seconds() - self._started
+
+    def decided(self, decision: Decision) -> None:
+        self.action, self.reason = decision.action, decision.reason
+
+    def relayed(self, reply: Reply, seconds: float) -> None:
+        self.next_hop, self._relaying = reply, seconds
+
+    def transaction(
+        self, transaction_id: str, listener: str, envelope: Envelope, size: int, reply: Reply
+    ) -> Transaction:
+        timings = Timings(self._receiving, self._scanning, self._relaying)
+        return Transaction(
+            transaction_id,
+            listener,
+            envelope,
+            size,
+            self.result,
+            self.action,
+            reply,
+            self.scans,
+            self.next_hop,
+            timings,
+            self.reason,
+        )
 
 
 class Pipeline:
@@ -144,82 +172,95 @@ class Pipeline:
         return self._recipient_policy.accepts(envelope, recipient)
 
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
-        scanning = Deferred.fromCoroutine(self._scan_readings(message, envelope))
-        return with_deadline(scanning, self._scan_timeout, self._reactor, self._scanner.name)
+        return self.scan_timed(message, envelope).addCallback(lambda scanned: scanned.result)
 
-    async def _scan_readings(self, message: Message, envelope: Envelope) -> ScanResult:
+    def scan_timed(self, message: Message, envelope: Envelope) -> Deferred[Scanned]:
+        """The scan of ``message`` under the deadline, with each scanner's run; a
+        scan cut by the deadline is one run of the whole chain, its timeout."""
+        started = self._reactor.seconds()
+        scanning = Deferred.fromCoroutine(self._scan_readings(message, envelope))
+
+        def cut(result: ScanResult) -> Scanned:
+            run = ScannerRun(self._scanner.name, result, self._reactor.seconds() - started)
+            return Scanned(result, (run,))
+
+        return within(scanning, self._scan_timeout, self._reactor, self._scanner.name, cut)
+
+    async def _scan_readings(self, message: Message, envelope: Envelope) -> Scanned:
         """The scan of ``message`` as sent, and of the same with CRLF line endings when
         that differs (a BINARYMIME message with bare CR or LF): mail readers take
         those for line ends in its header sections and text, while the bytes of its
-        binary parts are what they save.  A threat or an error in either counts."""
-        result = await scan_safely(self._scanner, message, envelope)
-        if result.verdict is Verdict.INFECTED or envelope.parameters.body is not BodyType.BINARYMIME:
-            return result
+        binary parts are what they save.  A threat or an error in either counts;
+        the runs of both scans are kept."""
+        scanned = await scan_timed(self._scanner, message, envelope, self._reactor)
+        if scanned.result.verdict is Verdict.INFECTED or envelope.parameters.body is not BodyType.BINARYMIME:
+            return scanned
         read = crlf.with_crlf(message)
         if read is message:
-            return result
-        return combine([result, await scan_safely(self._scanner, read, envelope)], self._scanner.name)
+            return scanned
+        again = await scan_timed(self._scanner, read, envelope, self._reactor)
+        return Scanned(combine([scanned.result, again.result], self._scanner.name), scanned.runs + again.runs)
 
     def process(
-        self, envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str
+        self, envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str, receiving: float = 0.0
     ) -> Deferred[Reply]:
-        """Fires with the reply for the client's end of data; never fails."""
-        return Deferred.fromCoroutine(self._process(envelope, message, relay, transaction_id))
+        """Fires with the reply for the client's end of data; never fails.
+        ``receiving`` is the seconds the message took to arrive, for the
+        transaction's observers."""
+        return Deferred.fromCoroutine(self._process(envelope, message, relay, transaction_id, receiving))
 
-    async def _process(self, envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str) -> Reply:
-        started = time.monotonic()
+    async def _process(
+        self, envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str, receiving: float
+    ) -> Reply:
+        progress = _Progress(self._reactor, receiving)
         try:
-            result = await self.scan(message, envelope)
-            decision = self._policy.decide(envelope, result)
-            section, body_at = message.split_headers(HEADER_LIMIT)
-            if body_at == 0 and message.size > HEADER_LIMIT:
-                # Its header section could not be read whole, so forged status
-                # headers could not be removed: refused, as Exim and sendmail do.
-                await relay.reset()
-                return replies.HEADER_TOO_BIG
-            incident = Incident(
-                transaction_id, envelope, result, decision, section, self._reactor.seconds(), rewrite.subject(section)
-            )
-            refusal = downgrade_refusal(envelope, section, _extensions(relay) or _ANY) if decision.relays else None
-            if refusal is not None:
-                # Received whole, so the refusal is for the message (RFC 6531 3.2).
-                log.warn("{id}: refused: {why}", id=transaction_id, why=refusal.text)
-                await relay.reset()
-                return refusal
-            if decision.quarantine and self._quarantine is not None:
-                # Without its copy the decision cannot be carried out: the client retries.
-                await self._quarantine.store(incident, message)
-            if decision.relays:
-                reply: Reply = await self._relay(incident, message, body_at, relay)
-                if reply.positive and decision.action is Action.DELIVER:
-                    self._report_relayed(incident, reply, relay)
-            else:
-                await relay.reset()
-                reply = decision.reply or replies.LOCAL_ERROR
+            reply = await self._handle(envelope, message, relay, transaction_id, progress)
         except Exception:
             log.failure("processing {id} failed", id=transaction_id)
+            progress.action = None
             await relay.reset()
-            return replies.LOCAL_ERROR
+            reply = replies.LOCAL_ERROR
+        self._observe(progress.transaction(transaction_id, self._listener, envelope, message.size, reply))
+        return reply
+
+    async def _handle(
+        self, envelope: Envelope, message: Message, relay: IRelaySession, transaction_id: str, progress: _Progress
+    ) -> Reply:
+        progress.scanned(await self.scan_timed(message, envelope))
+        result = progress.result
+        decision = self._policy.decide(envelope, result)
+        progress.decided(decision)
+        section, body_at = message.split_headers(HEADER_LIMIT)
+        if body_at == 0 and message.size > HEADER_LIMIT:
+            # Its header section could not be read whole, so forged status
+            # headers could not be removed: refused, as Exim and sendmail do.
+            progress.action = None
+            await relay.reset()
+            return replies.HEADER_TOO_BIG
+        incident = Incident(
+            transaction_id, envelope, result, decision, section, self._reactor.seconds(), rewrite.subject(section)
+        )
+        refusal = downgrade_refusal(envelope, section, _extensions(relay) or _ANY) if decision.relays else None
+        if refusal is not None:
+            # Received whole, so the refusal is for the message (RFC 6531 3.2).
+            log.warn("{id}: refused: {why}", id=transaction_id, why=refusal.text)
+            progress.action = None
+            await relay.reset()
+            return refusal
+        if decision.quarantine and self._quarantine is not None:
+            # Without its copy the decision cannot be carried out: the client retries.
+            await self._quarantine.store(incident, message)
+        if decision.relays:
+            relaying = self._reactor.seconds()
+            reply: Reply = await self._relay(incident, message, body_at, relay)
+            progress.relayed(reply, self._reactor.seconds() - relaying)
+            if reply.positive and decision.action is Action.DELIVER:
+                self._report_relayed(incident, reply, relay)
+        else:
+            await relay.reset()
+            reply = decision.reply or replies.LOCAL_ERROR
         if decision.notices and self._notifier is not None and not reply.transient:
             self._notify(incident)
-        self._observe(
-            Transaction(transaction_id, self._listener, envelope, message.size, result, decision.action, reply)
-        )
-        log.info(
-            "{id}: client={client}{forwarded} from=<{sender}> rcpts={rcpts} size={size} status={status}"
-            " action={action} reply={code}"
-            " ({ms:.1f} ms)",
-            id=transaction_id,
-            client=envelope.client.namaddr,
-            forwarded=_forwarded(envelope.client),
-            sender=envelope.sender,
-            rcpts=len(envelope.recipients),
-            size=message.size,
-            status=result.status(),
-            action=decision.action.value,
-            code=reply.code,
-            ms=(time.monotonic() - started) * 1000,
-        )
         return reply
 
     def _observe(self, transaction: Transaction) -> None:

@@ -40,6 +40,7 @@ from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
 from smtpguard.settings import ServerSettings
 from smtpguard.spool import Message, Spool, SpoolFull
+from smtpguard.tls import negotiated
 from smtpguard.wire import DataReader, LineEndingNormaliser
 
 log = Logger()
@@ -50,8 +51,8 @@ _PAUSE_BUFFER = 256 * 1024
 _CLOSE_GRACE = 30.0
 
 
-# end of data -> (envelope, message, relay, transaction id) -> reply
-Processor = Callable[[Envelope, Message, IRelaySession, str], Deferred[Reply]]
+# end of data -> (envelope, message, relay, transaction id, seconds receiving it) -> reply
+Processor = Callable[[Envelope, Message, IRelaySession, str, float], Deferred[Reply]]
 # (envelope, recipient) -> whether the recipient may join the envelope's transaction
 RecipientCheck = Callable[[Envelope, Recipient], bool]
 
@@ -90,6 +91,7 @@ class ESMTPServer(Protocol):
         self._write_blocked = False  # the client does not read its replies
         self._last_word: Reply | None = None  # a 421 held back while a reply is pending
         self._transaction_id = ""
+        self._receiving_since = 0.0  # when DATA or the first BDAT came
         self._counted: str | None = None  # the address this connection is counted under
 
     @property
@@ -390,6 +392,10 @@ class ESMTPServer(Protocol):
             return replies.HELO_REQUIRED
         assert self._client is not None
         self._client = attrs.evolve(self._client, helo=name, esmtp=esmtp)
+        if self._client.tls and not self._client.tls_version:
+            # The handshake is over once a command came through it.
+            version, cipher = negotiated(self.transport)
+            self._client = attrs.evolve(self._client, tls_version=version, tls_cipher=cipher)
         greeting = f"{self.settings.hostname} Hello {ascii_name}"
         reply = Reply(250, "", "\n".join([greeting, *self._extensions()]) if esmtp else greeting)
         return self._then(self._reset_transaction(), reply)
@@ -678,9 +684,11 @@ class ESMTPServer(Protocol):
             message.close()
             return reply
 
-        return self.factory.process(envelope, message, relay, self._transaction_id).addBoth(done)
+        receiving = self.factory.reactor.seconds() - self._receiving_since
+        return self.factory.process(envelope, message, relay, self._transaction_id, receiving).addBoth(done)
 
     def _new_spool(self) -> Spool:
+        self._receiving_since = self.factory.reactor.seconds()
         return Spool(self.settings.max_message_size, self.settings.spool_memory, self.settings.spool_directory)
 
     def _abandon_data(self) -> None:

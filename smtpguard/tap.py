@@ -30,6 +30,7 @@ from smtpguard.scanners.chain import AllScanners
 from smtpguard.scanners.optional import close, release, size_limit
 from smtpguard.server import GuardFactory
 from smtpguard.tls import ServerTLS
+from smtpguard.transactionlog import TransactionLogFile, check_writable, log_transaction
 from smtpguard.upstream import Upstream
 
 
@@ -162,6 +163,7 @@ def build_factory(
         quarantine=shared.quarantine,
         notifier=shared.notifier,
         listener=listener.endpoint,
+        observers=[log_transaction],
     )
     spool = config.server.spool_directory
     if spool is not None and not (os.path.isdir(spool) and os.access(spool, os.W_OK | os.X_OK)):
@@ -229,6 +231,10 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     """A service listening on every configured endpoint."""
     shared = Shared.build(config, reactor)
     top = service.MultiService()
+    if config.logging.file is not None:
+        # Started first and stopped last: the transactions of draining sessions are logged.
+        check_writable(config.logging, config.source)
+        TransactionLogFile(config.logging).setServiceParent(top)  # type: ignore[no-untyped-call]
     # Services stop in the reverse order: the listeners first, then the draining
     # sessions (and what they shared, once they are done), then the notifier
     # (whose notices those sessions may still queue).

@@ -22,3 +22,14 @@ class ServerTLS(ContextFactory):
 
     def getContext(self) -> SSL.Context:
         return self._context
+
+
+def negotiated(transport: object) -> tuple[str, str]:
+    """The TLS version and cipher of ``transport``'s finished handshake, as
+    OpenSSL names them ("TLSv1.3", "TLS_AES_256_GCM_SHA384"); empty when the
+    transport does not tell them."""
+    get_handle = getattr(transport, "getHandle", None)
+    connection = get_handle() if get_handle is not None else None
+    if not isinstance(connection, SSL.Connection):
+        return "", ""
+    return connection.get_protocol_version_name(), connection.get_cipher_name() or ""

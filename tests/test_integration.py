@@ -759,9 +759,9 @@ async def start_tls_capture(
     clients: list[Any] = []
     store = factory.process
 
-    def process(envelope: Any, message: Any, relay: Any, transaction_id: str) -> Any:
+    def process(envelope: Any, message: Any, relay: Any, transaction_id: str, receiving: float) -> Any:
         clients.append(envelope.client)
-        return store(envelope, message, relay, transaction_id)
+        return store(envelope, message, relay, transaction_id, receiving)
 
     factory.process = process
     return await listen(listening, factory), clients

@@ -169,6 +169,8 @@ def test_store_writes_the_metadata(store: Quarantine, tmp_path: Path) -> None:
             "esmtp": True,
             "tls": True,
             "hostname": "guard.test",
+            "tls_version": "",
+            "tls_cipher": "",
             "name": "",
             "login": "",
             "forwarded_protocol": None,

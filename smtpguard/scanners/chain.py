@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from twisted.internet import defer
@@ -16,6 +17,7 @@ from smtpguard.results import ScanResult, SizeLimit, Verdict
 from smtpguard.scanners.deadline import scan_safely
 from smtpguard.scanners.optional import close_all, size_limit
 from smtpguard.spool import Message
+from smtpguard.transaction import ScannerRun
 
 
 def combine(results: Sequence[ScanResult], name: str) -> ScanResult:
@@ -27,6 +29,44 @@ def combine(results: Sequence[ScanResult], name: str) -> ScanResult:
         if result.verdict is Verdict.ERROR:
             return result
     return ScanResult.clean(name)
+
+
+@attrs.frozen
+class Scanned:
+    """A scan's result, and the result and time of each scanner that took part."""
+
+    result: ScanResult
+    runs: tuple[ScannerRun, ...]
+
+
+class _Untimed:
+    """The clock of a scan whose times nobody reads."""
+
+    def seconds(self) -> float:
+        return 0.0
+
+
+def scan_timed(scanner: IScanner, message: Message, envelope: Envelope, clock: Any) -> Deferred[Scanned]:
+    """``scanner``'s scan of ``message`` (never failing, as :func:`scan_safely`),
+    with each scanner's own run when ``scanner`` is a chain, timed by ``clock``."""
+    timed = getattr(scanner, "scan_timed", None)
+    if timed is not None:
+        scanning: Deferred[Scanned] = timed(message, envelope, clock)
+        return scanning
+    started = clock.seconds()
+
+    def ran(result: ScanResult) -> Scanned:
+        return Scanned(result, (ScannerRun(scanner.name, result, clock.seconds() - started),))
+
+    return scan_safely(scanner, message, envelope).addCallback(ran)
+
+
+def _runs(scans: Sequence[Scanned]) -> tuple[ScannerRun, ...]:
+    return tuple(run for scanned in scans for run in scanned.runs)
+
+
+def _result(scanned: Scanned) -> ScanResult:
+    return scanned.result
 
 
 def _checked(scanners: Sequence[IScanner]) -> tuple[IScanner, ...]:
@@ -62,10 +102,16 @@ class AllScanners:
         self.name = "+".join(scanner.name for scanner in self._scanners)
 
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
+        return self.scan_timed(message, envelope, _Untimed()).addCallback(_result)
+
+    def scan_timed(self, message: Message, envelope: Envelope, clock: Any) -> Deferred[Scanned]:
         if len(self._scanners) == 1:
-            return scan_safely(self._scanners[0], message, envelope)
-        scans = [scan_safely(scanner, message, envelope) for scanner in self._scanners]
-        return defer.gatherResults(scans, consumeErrors=True).addCallback(combine, self.name)
+            return scan_timed(self._scanners[0], message, envelope, clock)
+        scans = [scan_timed(scanner, message, envelope, clock) for scanner in self._scanners]
+        return defer.gatherResults(scans, consumeErrors=True).addCallback(self._combined)
+
+    def _combined(self, scans: list[Scanned]) -> Scanned:
+        return Scanned(combine([scanned.result for scanned in scans], self.name), _runs(scans))
 
     @property
     def max_size(self) -> SizeLimit | None:
@@ -88,15 +134,19 @@ class FailoverScanners:
         self.name = "|".join(scanner.name for scanner in self._scanners)
 
     def scan(self, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
-        return Deferred.fromCoroutine(self._scan(message, envelope))
+        return self.scan_timed(message, envelope, _Untimed()).addCallback(_result)
 
-    async def _scan(self, message: Message, envelope: Envelope) -> ScanResult:
-        result = ScanResult.clean(self.name)  # replaced: there is at least one scanner
+    def scan_timed(self, message: Message, envelope: Envelope, clock: Any) -> Deferred[Scanned]:
+        return Deferred.fromCoroutine(self._scan(message, envelope, clock))
+
+    async def _scan(self, message: Message, envelope: Envelope, clock: Any) -> Scanned:
+        scans: list[Scanned] = []
         for scanner in self._scanners:
-            result = await scan_safely(scanner, message, envelope)
-            if result.verdict is not Verdict.ERROR:
-                return result
-        return result
+            scans.append(await scan_timed(scanner, message, envelope, clock))
+            if scans[-1].result.verdict is not Verdict.ERROR:
+                break
+        # There is at least one scanner; when all failed, the last error stands.
+        return Scanned(scans[-1].result, _runs(scans))
 
     @property
     def max_size(self) -> SizeLimit | None:

@@ -3,7 +3,8 @@ could let a message through unscanned."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -16,6 +17,8 @@ from smtpguard.results import ErrorKind, ScanResult
 from smtpguard.spool import Message
 
 log = Logger()
+
+T = TypeVar("T")
 
 
 def _as_error(failure: Failure, scanner: str) -> ScanResult:
@@ -38,7 +41,19 @@ def with_deadline(scanning: Deferred[ScanResult], seconds: float, reactor: Any, 
     (a bug in a scanner) is logged and becomes ``ErrorKind.OTHER``, so a broken
     scanner can never let a message through as clean.
     """
-    return scanning.addTimeout(seconds, reactor).addErrback(_timed_out, scanner, seconds)
+    return within(scanning, seconds, reactor, scanner, _same)
+
+
+def within(
+    scanning: Deferred[T], seconds: float, reactor: Any, scanner: str, cut: Callable[[ScanResult], T]
+) -> Deferred[T]:
+    """As :func:`with_deadline`, for a scan that fires with something else than
+    a ScanResult: ``cut`` makes that of the timeout or failure result."""
+    return scanning.addTimeout(seconds, reactor).addErrback(lambda failure: cut(_timed_out(failure, scanner, seconds)))
+
+
+def _same(result: ScanResult) -> ScanResult:
+    return result
 
 
 def scan_safely(scanner: IScanner, message: Message, envelope: Envelope) -> Deferred[ScanResult]:
