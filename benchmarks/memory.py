@@ -150,7 +150,7 @@ def deliver(guard: Server, sink: Server, path: Path) -> None:
     if sink.wait_delivered(counted + 1) <= counted:
         raise BenchmarkError(f"{guard.name}, {path.name}: smtp-sink did not count the message")
     assert guard.log is not None
-    size = f" size={path.stat().st_size} status=clean action=deliver reply=250 "
+    size = f" size={path.stat().st_size} status=clean action=deliver reply=(250 "
     if not any(size in line for line in guard.log.read_text(errors="replace").splitlines()):
         raise BenchmarkError(f"{guard.name}, {path.name}: its log does not show it scanned clean and relayed")
 

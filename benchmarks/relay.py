@@ -543,7 +543,7 @@ def send_eicar(target: Target, log_line: re.Pattern[str]) -> str:
     return outcome
 
 
-GUARD_INFECTED = re.compile(r"status=infected \([^)]*eicar[^)]*\) action=reject reply=5\d\d ", re.IGNORECASE)
+GUARD_INFECTED = re.compile(r"status=infected \([^)]*eicar[^)]*\) action=reject reply=\(5\d\d ", re.IGNORECASE)
 CLAMSMTP_INFECTED = re.compile(r"status=VIRUS:\S*EICAR", re.IGNORECASE)
 
 _TROUBLE = re.compile(r"Traceback|Unhandled|internal error|next hop:|#(?:warn|error|critical)\]")
@@ -554,7 +554,7 @@ def check_guard_log(guard: Server, expected: int) -> None:
     relayed, the EICAR message as rejected, and no errors."""
     assert guard.log is not None
     text = guard.log.read_text(errors="replace")
-    relayed = len(re.findall(r"status=clean action=deliver reply=250 ", text))
+    relayed = len(re.findall(r"status=clean action=deliver reply=\(250 ", text))
     infected = len(GUARD_INFECTED.findall(text))
     outcomes = len(re.findall(r" status=.* action=", text))
     trouble = [line for line in text.splitlines() if _TROUBLE.search(line)]
