@@ -25,7 +25,7 @@ from smtpguard.settings import UpstreamSettings
 from smtpguard.spool import Message
 from smtpguard.testing import FixedScanner, MemoryNextHop
 from smtpguard.transaction import ScannerRun, Timings, Transaction
-from smtpguard.upstream import Upstream
+from smtpguard.upstream import Reachability, Upstream
 from tests.test_server import Session
 
 LISTENER = "tcp:10025:interface=127.0.0.1"
@@ -397,37 +397,34 @@ def test_not_ready_while_the_scanner_cannot_scan() -> None:
     )
 
 
-def test_ready_without_probe_when_the_next_hop_greeted_recently() -> None:
-    """A greeting 10 s ago, within RECENT: ready, and no connection made to probe."""
+def at_1000_s(reachability: Reachability) -> tuple[MemoryReactorClock, Readiness]:
+    """A reactor at 1000 s, and readiness for a listening listener and a next hop
+    last reached as ``reachability`` says."""
     reactor = MemoryReactorClock()
     reactor.advance(1000)
     upstream = Upstream(reactor, UpstreamSettings(endpoint="tcp:127.0.0.1:10026"))
-    upstream.reachability.succeeded = 990.0
+    upstream.reachability = reachability
     watched = Watched({LISTENER: Listening(1)}, upstream=upstream)  # type: ignore[dict-item]
-    assert ready(Readiness(reactor, lambda: watched)) == ""
+    return reactor, Readiness(reactor, lambda: watched)
+
+
+def test_ready_without_probe_when_the_next_hop_greeted_recently() -> None:
+    """A greeting 10 s ago, within RECENT: ready, and no connection made to probe."""
+    reactor, readiness = at_1000_s(Reachability(succeeded=990.0))
+    assert ready(readiness) == ""
     assert reactor.tcpClients == []
 
 
 def test_not_ready_when_the_last_recent_attempt_at_the_next_hop_failed() -> None:
     """A failure after the last success, within RECENT: not ready, naming the problem."""
-    reactor = MemoryReactorClock()
-    reactor.advance(1000)
-    upstream = Upstream(reactor, UpstreamSettings(endpoint="tcp:127.0.0.1:10026"))
-    upstream.reachability.succeeded = 900.0
-    upstream.reachability.failed = 995.0
-    upstream.reachability.problem = "Connection refused"
-    watched = Watched({LISTENER: Listening(1)}, upstream=upstream)  # type: ignore[dict-item]
-    assert ready(Readiness(reactor, lambda: watched)) == "next hop unreachable: Connection refused"
+    _, readiness = at_1000_s(Reachability(succeeded=900.0, failed=995.0, problem="Connection refused"))
+    assert ready(readiness) == "next hop unreachable: Connection refused"
 
 
 def test_the_next_hop_is_probed_when_nothing_tried_it_lately() -> None:
     """Last success 60 s ago (more than RECENT): readiness waits for a probe connection."""
-    reactor = MemoryReactorClock()
-    reactor.advance(1000)
-    upstream = Upstream(reactor, UpstreamSettings(endpoint="tcp:127.0.0.1:10026"))
-    upstream.reachability.succeeded = 940.0
-    watched = Watched({LISTENER: Listening(1)}, upstream=upstream)  # type: ignore[dict-item]
+    reactor, readiness = at_1000_s(Reachability(succeeded=940.0))
     answers: list[str] = []
-    Readiness(reactor, lambda: watched).check().addCallback(answers.append)
+    readiness.check().addCallback(answers.append)
     assert answers == []
     assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 10026)]
