@@ -428,3 +428,40 @@ def test_the_next_hop_is_probed_when_nothing_tried_it_lately() -> None:
     readiness.check().addCallback(answers.append)
     assert answers == []
     assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 10026)]
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def config_with(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"upstream": {"endpoint": "tcp:127.0.0.1:10026"}, "scanners": [{"type": "builtin"}], "metrics": metrics}
+
+
+def test_metrics_listen_is_read_from_the_metrics_table() -> None:
+    """[metrics] listen comes through as Config.metrics_listen; absent, it is None."""
+    from smtpguard import config as configuration
+
+    assert configuration.parse(config_with({"listen": "tcp:9125"}), "f.toml").metrics_listen == "tcp:9125"
+    assert configuration.parse(config_with({}), "f.toml").metrics_listen is None
+
+
+def test_an_unknown_metrics_key_is_refused_naming_file_and_key() -> None:
+    """A misspelt key in [metrics]: ConfigError naming the file and metrics.<key>."""
+    import pytest
+
+    from smtpguard import config as configuration
+
+    with pytest.raises(configuration.ConfigError, match=r"^f\.toml: metrics\.listn: "):
+        configuration.parse(config_with({"listn": "tcp:9125"}), "f.toml")
+
+
+def test_a_bad_metrics_endpoint_stops_the_start_naming_the_key() -> None:
+    """listen = "nonsense:1": build_service refuses it naming metrics.listen."""
+    import pytest
+
+    from smtpguard import config as configuration
+    from smtpguard import tap
+
+    config = configuration.parse(config_with({"listen": "nonsense:1"}), "f.toml")
+    with pytest.raises(configuration.ConfigError, match=r"^f\.toml: metrics\.listen: bad endpoint 'nonsense:1'"):
+        tap.build_service(config, MemoryReactorClock())
