@@ -49,6 +49,7 @@ class Config:
     notifications: Mapping[str, Any] | None = None  # the [notifications] table, checked by its builder
     max_message_size_set: bool = False  # whether [server] gives max_message_size (else: the default)
     logging: LogSettings = LogSettings()
+    metrics_listen: str | None = None  # [metrics] listen: where /metrics, /healthz and /readyz are served
 
     def policy_for(self, listener: Listener) -> Mapping[str, Any]:
         """The ``[policy]`` table as ``listener`` has it: its own keys over the others."""
@@ -164,6 +165,11 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
     quarantine = root.table("quarantine").data if "quarantine" in data else None
     notifications = root.table("notifications").data if "notifications" in data else None
     logging = _logging(root.table("logging"))
+    metrics = root.table("metrics")
+    metrics_listen = metrics.get("listen", str, "")
+    if "listen" in metrics.data and not metrics_listen.strip():
+        raise metrics.error("listen", 'must be a server endpoint (e.g. "tcp:9125:interface=127.0.0.1")')
+    metrics.check_unknown()
     root.check_unknown()
     return Config(
         source=source,
@@ -180,6 +186,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         notifications=notifications,
         max_message_size_set="max_message_size" in server.data,
         logging=logging,
+        metrics_listen=metrics_listen or None,
     )
 
 

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from smtpguard.envelope import Envelope, Recipient
     from smtpguard.incident import Incident, Relayed
     from smtpguard.results import Decision, ScanResult
+    from smtpguard.scanners.optional import Health
     from smtpguard.spool import Message
 
 
@@ -44,6 +45,24 @@ class IClosable(Interface):
 
         @return: a Deferred firing with None once everything is released; it
             never fails.
+        """
+
+
+class IHealthReporting(Interface):
+    """A scanner that knows whether the engines behind it answer: the metrics
+    show each endpoint, and smtpguard is not ready (``/readyz``) while a
+    scanner cannot scan."""
+
+    def health() -> Health:
+        """What is known now of each endpoint, from its last use or check
+        (L{smtpguard.scanners.optional.Health}); asks nobody, never raises."""
+
+    def check() -> Deferred[None]:
+        """Ask every endpoint now (clamd's PING, ICAP's OPTIONS), so that
+        L{health} then tells how they are, not how they were.
+
+        @return: a Deferred firing with None once every endpoint has answered
+            or failed to; it never fails.
         """
 
 

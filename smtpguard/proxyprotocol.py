@@ -20,6 +20,7 @@ from twisted.protocols import policies
 from zope.interface import directlyProvides, providedBy
 
 from smtpguard.access import Network, address_in
+from smtpguard.events import Event, Report, ignore
 from smtpguard.proxyheader import Endpoint, ProxyHeaderError, parse
 
 log = Logger()
@@ -76,6 +77,7 @@ class ProxyProtocolWrapper(policies.ProtocolWrapper):
 
     def _give_up(self, why: str) -> None:
         log.info("PROXY protocol from {peer}: {why}; closing", peer=self.transport.getPeer(), why=why)  # type: ignore[union-attr]
+        self.factory.report(Event.REFUSED, "proxy")
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def getPeer(self) -> IAddress:
@@ -95,13 +97,22 @@ class ProxyProtocolWrapper(policies.ProtocolWrapper):
 
 class ProxyProtocolFactory(policies.WrappingFactory):
     """Wraps a listening factory: connections from ``trusted`` networks must start
-    with a PROXY header; any other connection is closed at once."""
+    with a PROXY header; any other connection is closed at once (and ``report``
+    hears of it, as of a header that is not valid or late)."""
 
     protocol = ProxyProtocolWrapper  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, wrapped: Any, trusted: Sequence[Network], reactor: Any, header_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        wrapped: Any,
+        trusted: Sequence[Network],
+        reactor: Any,
+        header_timeout: float = 10.0,
+        report: Report = ignore,
+    ) -> None:
         super().__init__(wrapped)  # type: ignore[no-untyped-call]
+        self.report = report
         self.trusted = tuple(trusted)
         self.reactor = reactor
         self.header_timeout = header_timeout
@@ -110,5 +121,6 @@ class ProxyProtocolFactory(policies.WrappingFactory):
         host = addr.host if isinstance(addr, IPv4Address | IPv6Address) else None
         if host is None or not address_in(host, self.trusted):
             log.warn("PROXY protocol: connection from untrusted {addr} refused", addr=addr)
+            self.report(Event.REFUSED, "proxy")
             return None
         return super().buildProtocol(addr)

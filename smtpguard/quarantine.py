@@ -33,6 +33,7 @@ from smtpguard.envelope import (
     RecipientParameters,
     Return,
 )
+from smtpguard.events import Event, Report, ignore
 from smtpguard.incident import Incident
 from smtpguard.interfaces import INextHop, IQuarantine
 from smtpguard.replies import Reply
@@ -257,13 +258,16 @@ class Quarantine:
     """The quarantine in ``directory`` (created 0700 when missing).
 
     ``in_thread`` runs the blocking part of :meth:`store`; by default the
-    reactor's thread pool.
+    reactor's thread pool.  ``report`` hears of each copy stored and released.
     """
 
-    def __init__(self, directory: str, reactor: Any, in_thread: InThread | None = None) -> None:
+    def __init__(
+        self, directory: str, reactor: Any, in_thread: InThread | None = None, report: Report = ignore
+    ) -> None:
         self.directory = directory
         self._reactor = reactor
         self._in_thread = in_thread
+        self._report = report
 
     def _run_in_thread(self, work: Callable[[], T]) -> Deferred[T]:
         if self._in_thread is not None:
@@ -283,6 +287,7 @@ class Quarantine:
 
         def stored(entry_id: str) -> str:
             log.info("{transaction}: quarantined as {id}", transaction=incident.transaction_id, id=entry_id)
+            self._report(Event.QUARANTINE_STORED)
             return entry_id
 
         return storing.addCallback(stored)
@@ -292,12 +297,18 @@ class Quarantine:
 
     def list(self) -> builtins.list[Entry]:
         """Every entry, oldest first (in the order of their ids)."""
+        return [self._entry(entry_id) for entry_id in sorted(self._ids())]
+
+    def count(self) -> int:
+        """How many entries there are (no file is read)."""
+        return len(self._ids())
+
+    def _ids(self) -> builtins.list[str]:
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        ids = sorted(name[:-5] for name in names if name.endswith(".json") and _ID.fullmatch(name[:-5]))
-        return [self._entry(entry_id) for entry_id in ids]
+        return [name[:-5] for name in names if name.endswith(".json") and _ID.fullmatch(name[:-5])]
 
     def _entry(self, entry_id: str) -> Entry:
         try:
@@ -397,6 +408,7 @@ class Quarantine:
                 log.info("quarantine: release of {id} refused: {reply}", id=paths.id, reply=reply)
                 return reply
             log.info("quarantine: released {id} ({text})", id=paths.id, text=reply.text)
+            self._report(Event.QUARANTINE_RELEASED)
             try:
                 self._remove(paths)
             except (OSError, QuarantineError):
@@ -425,7 +437,7 @@ class Quarantine:
             session.close()
 
 
-def build_quarantine(table: Mapping[str, Any], reactor: Any) -> Quarantine:
+def build_quarantine(table: Mapping[str, Any], reactor: Any, report: Report = ignore) -> Quarantine:
     """The quarantine of a ``[quarantine]`` table.  The directory is created (0700)
     here, so that one that cannot be is a start-up error, not a 451 per message."""
     options = tables.options(table)
@@ -439,4 +451,4 @@ def build_quarantine(table: Mapping[str, Any], reactor: Any) -> Quarantine:
         raise options.error("directory", f"cannot create {directory!r}: {error.strerror}") from None
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
         raise options.error("directory", f"{directory!r} is not a writable directory")
-    return Quarantine(directory, reactor)
+    return Quarantine(directory, reactor, report=report)

@@ -35,6 +35,7 @@ from smtpguard.envelope import (
     parse_mail,
     parse_rcpt,
 )
+from smtpguard.events import Event, Report, ignore
 from smtpguard.inputbuffer import InputBuffer
 from smtpguard.interfaces import INextHop, IRelaySession
 from smtpguard.replies import Reply
@@ -93,6 +94,7 @@ class ESMTPServer(Protocol):
         self._transaction_id = ""
         self._receiving_since = 0.0  # when DATA or the first BDAT came
         self._counted: str | None = None  # the address this connection is counted under
+        self.outcome = "disconnected"  # how the session ended, for the metrics
 
     @property
     def settings(self) -> ServerSettings:
@@ -109,6 +111,7 @@ class ESMTPServer(Protocol):
         """Say 421 and close, unless busy: then that happens right after the pending
         reply (see _async_reply)."""
         if not self._busy and not self._closing:
+            self.outcome = "shutdown"
             self._send(replies.SHUTTING_DOWN)
             self._close()
 
@@ -135,6 +138,7 @@ class ESMTPServer(Protocol):
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         refusal = self._admission()
         if refusal is not None:
+            self.outcome = "shutdown" if refusal is replies.SHUTTING_DOWN else "refused"
             self._send(refusal)
             self._close()
             return
@@ -152,8 +156,10 @@ class ESMTPServer(Protocol):
         if self.factory.draining:
             return replies.SHUTTING_DOWN
         if not self.settings.access.allows(self._client.address):
+            self.factory.report(Event.REFUSED, "access")
             return replies.ACCESS_DENIED
         if self.factory.connections > self.settings.max_connections:
+            self.factory.report(Event.RATE_LIMITED, "max_connections")
             return replies.TOO_MANY_CONNECTIONS
         return self._count_client()
 
@@ -174,6 +180,7 @@ class ESMTPServer(Protocol):
         if self._client.hop is None and self.settings.access.may_xclient(address):
             return None
         if not self.factory.clients.connect(address):
+            self.factory.report(Event.RATE_LIMITED, "max_connections_per_client")
             return replies.TOO_MANY_CLIENT_CONNECTIONS
         self._counted = address
         return None
@@ -181,6 +188,7 @@ class ESMTPServer(Protocol):
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         self.factory.connections -= 1
         self.factory.sessions.discard(self)
+        self.factory.report(Event.SESSION, self.outcome)
         if self._counted is not None:
             self.factory.clients.disconnect(self._counted)
             self._counted = None
@@ -237,7 +245,9 @@ class ESMTPServer(Protocol):
             # client must hear the outcome, then this reply, then the close.
             self._closing = True
             self._last_word = self._last_word or reply
+            self.outcome = "timeout"
             return
+        self.outcome = "timeout"
         self._send(reply)
         self._close()
 
@@ -310,6 +320,7 @@ class ESMTPServer(Protocol):
                 if start[:4].upper() == b"BDAT" and start[4:5] in (b" ", b"\t"):
                     # A chunk whose size could not be read cannot be told from
                     # commands (RFC 3030): nothing after it may be executed.
+                    self.outcome = "protocol-error"
                     self._close()
                     return
                 continue
@@ -351,6 +362,7 @@ class ESMTPServer(Protocol):
         if self.factory.draining and not self._closing:
             self._last_word = replies.SHUTTING_DOWN
             self._closing = True
+            self.outcome = "shutdown"
         if self._closing:
             if self._last_word is not None:
                 self._send(self._last_word)
@@ -430,6 +442,7 @@ class ESMTPServer(Protocol):
             client = forwarding.forwarded_client(self._client, self._forwarded)
         # Counted for the original client, when the MTA in front named it.
         if not self.factory.clients.message(client.address or self._client.address, self.factory.reactor.seconds()):
+            self.factory.report(Event.RATE_LIMITED, "max_messages_per_client")
             return replies.RATE_LIMITED
         envelope = Envelope(client, sender, parameters)
         if self._relay is None:
@@ -517,6 +530,7 @@ class ESMTPServer(Protocol):
 
     def _malformed_bdat(self) -> None:
         # Without a size the chunk cannot be told from commands: stop here.
+        self.outcome = "protocol-error"
         self._send(replies.BAD_BDAT_SYNTAX)
         self._close()
 
@@ -549,6 +563,7 @@ class ESMTPServer(Protocol):
         return replies.OK
 
     def smtp_QUIT(self, argument: str) -> None:
+        self.outcome = "quit"
         self._send(replies.CLOSING)
         self._close()
 
@@ -588,7 +603,9 @@ class ESMTPServer(Protocol):
         transaction, 501 without attributes, 550 from a host not in
         xforward_hosts; then each valid command updates the attributes and gets
         "250 2.0.0 Ok", a refused one (501) changes nothing."""
-        refusal = self._forwarding_refusal(argument, replies.XFORWARD_SYNTAX, self.settings.access.may_xforward)
+        refusal = self._forwarding_refusal(
+            argument, replies.XFORWARD_SYNTAX, self.settings.access.may_xforward, "xforward"
+        )
         if refusal is not None:
             return refusal
         try:
@@ -607,28 +624,37 @@ class ESMTPServer(Protocol):
         asked again too, for the new address (XCLIENT_README Note 1: "Once ADDR is
         sent, the client is usually no longer authorized to send XCLIENT")."""
         assert self._client is not None and self._peer is not None
-        refusal = self._forwarding_refusal(argument, replies.XCLIENT_SYNTAX, self.settings.access.may_xclient)
+        refusal = self._forwarding_refusal(
+            argument, replies.XCLIENT_SYNTAX, self.settings.access.may_xclient, "xclient"
+        )
         if refusal is not None:
             return refusal
         try:
             self._client = forwarding.xclient(argument, self._client, self._peer)
         except forwarding.Refused as refused:
             return refused.reply
-        refusal = replies.ACCESS_DENIED if not self.settings.access.allows(self._client.address) else None
+        refusal = None
+        if not self.settings.access.allows(self._client.address):
+            self.factory.report(Event.REFUSED, "access")
+            refusal = replies.ACCESS_DENIED
         refusal = refusal or self._count_client()
         if refusal is not None:
+            self.outcome = "refused"
             self._send(refusal)
             self._close()
             return None
         return self._then(self._reset_transaction(), self._greeting())
 
-    def _forwarding_refusal(self, argument: str, syntax: Reply, allowed: Callable[[str], bool]) -> Reply | None:
+    def _forwarding_refusal(
+        self, argument: str, syntax: Reply, allowed: Callable[[str], bool], command: str
+    ) -> Reply | None:
         assert self._client is not None
         if self._envelope is not None:
             return replies.TRANSACTION_IN_PROGRESS
         if not argument.strip(" \t"):
             return syntax
         if not allowed(self._client.address):
+            self.factory.report(Event.REFUSED, command)
             return replies.NOT_AUTHORIZED
         return None
 
@@ -735,7 +761,8 @@ class GuardFactory(Factory):
     L{smtpguard.upstream.Upstream}); ``process`` handles each message at its end
     of data (usually L{smtpguard.pipeline.Pipeline.process}); ``accepts`` says
     whether a RCPT may join its transaction (usually
-    L{smtpguard.pipeline.Pipeline.accepts}).
+    L{smtpguard.pipeline.Pipeline.accepts}); ``report`` hears of each session's
+    end and of each client refused (L{smtpguard.events}).
     """
 
     protocol = ESMTPServer  # type: ignore[assignment]
@@ -747,8 +774,10 @@ class GuardFactory(Factory):
         process: Processor,
         settings: ServerSettings = ServerSettings(),
         accepts: RecipientCheck = _every_recipient,
+        report: Report = ignore,
     ) -> None:
         verifyObject(INextHop, next_hop)
+        self.report = report
         self.reactor = reactor
         self.next_hop = next_hop
         self.process = process

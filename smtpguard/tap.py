@@ -19,7 +19,10 @@ from twisted.python import usage
 
 from smtpguard import config as configuration
 from smtpguard.config import Config, ConfigError, Listener
+from smtpguard.events import ignore
 from smtpguard.interfaces import IPolicy, IScanner
+from smtpguard.metrics import Metrics, Watched
+from smtpguard.monitoring import monitoring_service
 from smtpguard.notifiers import Notifier, NotifierService, build_notifier
 from smtpguard.pipeline import Pipeline
 from smtpguard.policies.default import DefaultPolicy
@@ -120,18 +123,19 @@ class Shared:
     notifier: Notifier | None = None
 
     @classmethod
-    def build(cls, config: Config, reactor: Any) -> Shared:
+    def build(cls, config: Config, reactor: Any, metrics: Metrics | None = None) -> Shared:
         quarantine = notifier = None
+        report = metrics.report if metrics is not None else ignore
         if config.quarantine is not None:
             try:
-                quarantine = build_quarantine(config.quarantine, reactor)
+                quarantine = build_quarantine(config.quarantine, reactor, report)
             except ConfigError as error:
                 raise ConfigError(f"{config.source}: quarantine.{error}") from None
         if config.notifications is not None:
             # A next-hop client of its own, keeping no connections: notices are rare.
             hop = Upstream(reactor, attrs.evolve(config.upstream, keep_connections=0))
             try:
-                notifier = build_notifier(config.notifications, hop, config.server.hostname, reactor)
+                notifier = build_notifier(config.notifications, hop, config.server.hostname, reactor, report)
             except ConfigError as error:
                 raise ConfigError(f"{config.source}: notifications.{error}") from None
         return cls(build_scanners(config, reactor), Upstream(reactor, config.upstream), quarantine, notifier)
@@ -144,11 +148,15 @@ class Shared:
 
 
 def build_factory(
-    config: Config, reactor: Any, listener: Listener | None = None, shared: Shared | None = None
+    config: Config,
+    reactor: Any,
+    listener: Listener | None = None,
+    shared: Shared | None = None,
+    metrics: Metrics | None = None,
 ) -> GuardFactory:
     """The listening factory for ``config`` (and one of its ``listener``s):
-    scanners, policy and next hop wired."""
-    shared = shared or Shared.build(config, reactor)
+    scanners, policy and next hop wired, counted in ``metrics`` if given."""
+    shared = shared or Shared.build(config, reactor, metrics)
     listener = listener or config.listeners[0]
     policy = build_policy(config.policy_for(listener), f"{config.source}: policy")
     if shared.quarantine is None and _any_setting(policy, "quarantine", "quarantine_dropped"):
@@ -157,20 +165,21 @@ def build_factory(
         raise ConfigError(f"{config.source}: policy.notify_sender_on_virus: needs a [notifications] table")
     pipeline = Pipeline(
         reactor,
-        shared.scanner,
+        shared.scanner if metrics is None else metrics.counted(shared.scanner),
         policy,
         config.scan_timeout,
         quarantine=shared.quarantine,
         notifier=shared.notifier,
         listener=listener.endpoint,
-        observers=[log_transaction],
+        observers=[log_transaction] if metrics is None else [log_transaction, metrics.observe],
     )
     spool = config.server.spool_directory
     if spool is not None and not (os.path.isdir(spool) and os.access(spool, os.W_OK | os.X_OK)):
         raise ConfigError(f"{config.source}: server.spool_directory: {spool!r} is not a writable directory")
     size = configuration.message_size(config, size_limit(shared.scanner))
     settings = attrs.evolve(config.server, tls=server_tls(config), access=listener.access, max_message_size=size)
-    return GuardFactory(reactor, shared.upstream, pipeline.process, settings, pipeline.accepts)
+    report = ignore if metrics is None else metrics.for_listener(listener.endpoint)
+    return GuardFactory(reactor, shared.upstream, pipeline.process, settings, pipeline.accepts, report)
 
 
 def _any_setting(policy: IPolicy, *flags: str) -> bool:
@@ -227,10 +236,23 @@ def _poll(reactor: Any, done: Any, interval: float) -> Deferred[None]:
     return waiting
 
 
-def build_service(config: Config, reactor: Any) -> service.MultiService:
-    """A service listening on every configured endpoint."""
-    shared = Shared.build(config, reactor)
+def build_service(config: Config, reactor: Any, metrics: Metrics | None = None) -> service.MultiService:
+    """A service listening on every configured endpoint, and serving ``/metrics``
+    on ``[metrics] listen`` when set (``metrics``, if given, is counted in
+    whether or not it is served)."""
+    if metrics is None and config.metrics_listen is not None:
+        metrics = Metrics(reactor)
+    shared = Shared.build(config, reactor, metrics)
     top = service.MultiService()
+    if metrics is not None and config.metrics_listen is not None:
+        # Added first so it stops last: /readyz says "not listening" while draining.
+        try:
+            monitoring = monitoring_service(config.metrics_listen, reactor, metrics)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(
+                f"{config.source}: metrics.listen: bad endpoint {config.metrics_listen!r}: {error}"
+            ) from None
+        monitoring.setServiceParent(top)
     if config.logging.file is not None:
         # Started first and stopped last: the transactions of draining sessions are logged.
         check_writable(config.logging, config.source)
@@ -243,11 +265,11 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
     factories: list[GuardFactory] = []
     Drain(reactor, factories, release=shared.close).setServiceParent(top)  # type: ignore[no-untyped-call]
     for listener in config.listeners:
-        guard = build_factory(config, reactor, listener, shared)
+        guard = build_factory(config, reactor, listener, shared, metrics)
         factories.append(guard)
         factory: Any = guard
         if listener.proxy_protocol:
-            factory = ProxyProtocolFactory(guard, listener.trusted_proxies, reactor)
+            factory = ProxyProtocolFactory(guard, listener.trusted_proxies, reactor, report=guard.report)
         try:
             endpoint = serverFromString(reactor, listener.endpoint)
         except (ValueError, TypeError) as error:
@@ -255,6 +277,14 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         listening = StreamServerEndpointService(endpoint, factory)
         listening._raiseSynchronously = True
         listening.setServiceParent(top)
+    if metrics is not None:
+        metrics.watched = Watched(
+            {listener.endpoint: factory for listener, factory in zip(config.listeners, factories, strict=True)},
+            shared.scanner,
+            shared.upstream,
+            shared.notifier.outbox if shared.notifier is not None else None,
+            shared.quarantine,
+        )
     return top
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
+import attrs
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
@@ -64,6 +65,27 @@ def _tls_options(settings: UpstreamSettings) -> Any:
     return ssl.CertificateOptions()
 
 
+@attrs.define
+class Reachability:
+    """When a new connection to the next hop last got as far as its greeting
+    (``succeeded``) and when one last did not (``failed``, with ``problem``), in
+    reactor seconds; None: never tried."""
+
+    succeeded: float | None = None
+    failed: float | None = None
+    problem: str = ""
+
+    @property
+    def last_attempt(self) -> float | None:
+        times = [time for time in (self.succeeded, self.failed) if time is not None]
+        return max(times, default=None)
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the last attempt got the greeting."""
+        return self.succeeded is not None and (self.failed is None or self.succeeded >= self.failed)
+
+
 class HopState(Enum):
     """Where one client session's conversation with the next hop stands."""
 
@@ -109,11 +131,13 @@ class UpstreamSession:
         endpoint: IStreamClientEndpoint,
         settings: UpstreamSettings,
         pool: KeptConnections | None = None,
+        reachability: Reachability | None = None,
     ) -> None:
         self._reactor = reactor
         self._endpoint = endpoint
         self._settings = settings
         self._pool = pool
+        self._reachability = reachability if reachability is not None else Reachability()
         self._protocol: SMTPClientProtocol | None = None
         self._connecting: Deferred[Any] | None = None
         self.state = HopState.IDLE
@@ -182,14 +206,24 @@ class UpstreamSession:
         self._connecting.addTimeout(self._settings.connect_timeout, self._reactor)  # type: ignore[arg-type]
         try:
             protocol: SMTPClientProtocol = await self._connecting  # type: ignore[assignment]
+        except Exception as problem:
+            if not self.closed:
+                _failed(self._reachability, self._reactor, problem)
+            raise
         finally:
             self._connecting = None
         self._protocol = protocol
         if self.closed:
             raise _Failed(replies.UPSTREAM_UNAVAILABLE)
-        greeting = await self._timed(protocol.greeting)
+        try:
+            greeting = await self._timed(protocol.greeting)
+        except Exception as problem:
+            _failed(self._reachability, self._reactor, problem)
+            raise
         if greeting.code != 220:
+            _failed(self._reachability, self._reactor, f"greeting {greeting.code} {greeting.text}")
             raise _Failed(self._relayed(greeting, replies.UPSTREAM_UNAVAILABLE))
+        self._reachability.succeeded = self._reactor.seconds()
         await self._hello()
         if not starttls:
             return protocol
@@ -443,6 +477,11 @@ class UpstreamSession:
             protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
 
+def _failed(reachability: Reachability, reactor: IReactorTime, problem: object) -> None:
+    reachability.failed = reactor.seconds()
+    reachability.problem = str(problem) or type(problem).__name__
+
+
 def _quit(protocol: SMTPClientProtocol) -> None:
     """Say QUIT on an idle connection and close it."""
     protocol.set_up = False
@@ -526,9 +565,51 @@ class Upstream:
         self._endpoint = clientFromString(reactor, settings.endpoint)
         self.kept = KeptConnections(reactor, settings.keep_connections, settings.keep_time)
         self._pool = self.kept if settings.keep_connections else None
+        self.reachability = Reachability()
+        self._probe_waiters: list[Deferred[bool]] | None = None
 
     def session(self) -> UpstreamSession:
-        return UpstreamSession(self._reactor, self._endpoint, self._settings, self._pool)
+        return UpstreamSession(self._reactor, self._endpoint, self._settings, self._pool, self.reachability)
+
+    def probe(self) -> Deferred[bool]:
+        """Connect, wait for the greeting and say QUIT: fires with whether the next
+        hop greeted with 220 (recorded in :attr:`reachability`); never fails.
+        Probes asked for while one is under way share it."""
+        waiting: Deferred[bool] = Deferred()
+        if self._probe_waiters is not None:
+            self._probe_waiters.append(waiting)
+            return waiting
+        self._probe_waiters = [waiting]
+
+        def done(reachable: bool) -> None:
+            waiters, self._probe_waiters = self._probe_waiters or [], None
+            for waiter in waiters:
+                waiter.callback(reachable)
+
+        Deferred.fromCoroutine(self._probe()).addCallback(done)
+        return waiting
+
+    async def _probe(self) -> bool:
+        factory = Factory.forProtocol(SMTPClientProtocol)
+        factory.noisy = False
+        protocol: SMTPClientProtocol | None = None
+        try:
+            connecting = self._endpoint.connect(factory)
+            connecting.addTimeout(self._settings.connect_timeout, self._reactor)
+            protocol = await connecting  # type: ignore[assignment]
+            assert protocol is not None
+            greeting = await protocol.greeting.addTimeout(self._settings.timeout, self._reactor)
+        except Exception as problem:
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+            _failed(self.reachability, self._reactor, problem)
+            return False
+        _quit(protocol)
+        if greeting.code != 220:
+            _failed(self.reachability, self._reactor, f"greeting {greeting.code} {greeting.text}")
+            return False
+        self.reachability.succeeded = self._reactor.seconds()
+        return True
 
     def close(self) -> Deferred[None]:
         """Close the connections kept for later sessions (when the service stops);

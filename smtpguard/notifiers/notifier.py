@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from smtpguard import replies, templates
 from smtpguard.envelope import EnvelopeError, parse_address
+from smtpguard.events import Report, ignore
 from smtpguard.headers import has_control
 from smtpguard.incident import Incident, Relayed
 from smtpguard.interfaces import INextHop, IRelayedNotifier
@@ -92,10 +93,13 @@ class Notifier:
         return self.outbox.stop()
 
 
-def build_notifier(table: Mapping[str, Any], next_hop: INextHop, hostname: str, reactor: Any) -> Notifier:
+def build_notifier(
+    table: Mapping[str, Any], next_hop: INextHop, hostname: str, reactor: Any, report: Report = ignore
+) -> Notifier:
     """The notifier the ``[notifications]`` table describes, sending through
     ``next_hop`` (for instance an :class:`smtpguard.upstream.Upstream`);
-    ``hostname`` is the server's, the default Reporting-MTA.
+    ``hostname`` is the server's, the default Reporting-MTA; ``report`` hears
+    of the outbox's notices.
 
     @raise smtpguard.config.ConfigError: naming the key, when the table is not valid.
     """
@@ -132,7 +136,7 @@ def build_notifier(table: Mapping[str, Any], next_hop: INextHop, hostname: str, 
         admin=admin,
         **texts,
     )
-    outbox = Outbox(reactor, directory, next_hop, retry, report_host)
+    outbox = Outbox(reactor, directory, next_hop, retry, report_host, report)
     return Notifier(reactor, outbox, settings)
 
 

@@ -26,6 +26,7 @@ from zope.interface.verify import verifyObject
 
 from smtpguard import replies
 from smtpguard.envelope import BodyType, Client, Envelope, MailParameters, Recipient
+from smtpguard.events import Event, Report, ignore
 from smtpguard.interfaces import INextHop
 from smtpguard.replies import Reply
 from smtpguard.spool import Message
@@ -102,6 +103,7 @@ class Outbox:
 
     ``add`` writes synchronously and raises OSError when it cannot; delivery runs
     between :meth:`start` and :meth:`stop`, driven by ``reactor.callLater``.
+    ``report`` hears of each notice queued, sent and given up.
     """
 
     def __init__(
@@ -111,8 +113,10 @@ class Outbox:
         next_hop: INextHop,
         retry: RetrySettings = RetrySettings(),
         hostname: str = "localhost",
+        report: Report = ignore,
     ) -> None:
         verifyObject(INextHop, next_hop)
+        self._report = report
         self._reactor = reactor
         self.directory = directory
         self._next_hop = next_hop
@@ -142,6 +146,7 @@ class Outbox:
         )
         self._write(notice, message)
         self._queued[notice.id] = notice
+        self._report(Event.NOTICE_QUEUED, kind)
         log.info(
             "{tid}: {kind} notice {id} to <{rcpt}> queued", tid=transaction_id, kind=kind, id=notice.id, rcpt=recipient
         )
@@ -342,6 +347,10 @@ class Outbox:
             n=attempts,
             said=said,
         )
+        if outcome is Outcome.DELIVERED:
+            self._report(Event.NOTICE_SENT, notice.kind)
+        else:
+            self._report(Event.NOTICE_FAILED, notice.kind, outcome.value)
         self._tell(notice.id, outcome)
 
     def _tell(self, notice_id: str, outcome: Outcome) -> None:

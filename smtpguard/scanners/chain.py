@@ -12,10 +12,10 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from smtpguard.envelope import Envelope
-from smtpguard.interfaces import IClosable, IScanner
+from smtpguard.interfaces import IClosable, IHealthReporting, IScanner
 from smtpguard.results import ScanResult, SizeLimit, Verdict
 from smtpguard.scanners.deadline import scan_safely
-from smtpguard.scanners.optional import close_all, size_limit
+from smtpguard.scanners.optional import Health, check, close_all, health, size_limit
 from smtpguard.spool import Message
 from smtpguard.transaction import ScannerRun
 
@@ -92,7 +92,21 @@ def _size(limit: SizeLimit) -> int:
     return limit.size
 
 
-@implementer(IScanner, IClosable)
+def _health(scanners: Sequence[IScanner], needs_all: bool) -> Health:
+    """The chain's health: it works when all its members do (``needs_all``), or
+    any one of them."""
+    members = [health(scanner) for scanner in scanners]
+    working = all(member.working for member in members) if needs_all else any(m.working for m in members)
+    endpoints = tuple(endpoint for member in members for endpoint in member.endpoints)
+    problem = "" if working else "; ".join(member.problem for member in members if not member.working)
+    return Health(working, endpoints, problem)
+
+
+def _check(scanners: Sequence[IScanner]) -> Deferred[None]:
+    return defer.gatherResults([check(scanner) for scanner in scanners]).addCallback(lambda _: None)
+
+
+@implementer(IScanner, IClosable, IHealthReporting)
 class AllScanners:
     """Every scanner looks at the message, side by side; it is clean only if all
     say so.  So the largest message it takes is the smallest any of them takes."""
@@ -121,8 +135,14 @@ class AllScanners:
     def close(self) -> Deferred[None]:
         return close_all(self._scanners)
 
+    def health(self) -> Health:
+        return _health(self._scanners, needs_all=True)
 
-@implementer(IScanner, IClosable)
+    def check(self) -> Deferred[None]:
+        return _check(self._scanners)
+
+
+@implementer(IScanner, IClosable, IHealthReporting)
 class FailoverScanners:
     """The first scanner decides; the next one is asked only when it could not
     (an error result), and so on.  When all fail, the last error stands.  A
@@ -156,3 +176,9 @@ class FailoverScanners:
 
     def close(self) -> Deferred[None]:
         return close_all(self._scanners)
+
+    def health(self) -> Health:
+        return _health(self._scanners, needs_all=False)
+
+    def check(self) -> Deferred[None]:
+        return _check(self._scanners)

@@ -17,11 +17,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpguard.envelope import Envelope
-from smtpguard.interfaces import IClosable, IScanner
+from smtpguard.interfaces import IClosable, IHealthReporting, IScanner
 from smtpguard.results import ErrorKind, ScanResult, SizeLimit
 from smtpguard.scanners import clamd_protocol as wire
 from smtpguard.scanners.deadline import with_deadline
-from smtpguard.scanners.optional import oversize
+from smtpguard.scanners.optional import EndpointHealth, Health, oversize
 from smtpguard.spool import Message
 
 log = Logger()
@@ -198,7 +198,7 @@ class PingProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
-@implementer(IScanner, IClosable)
+@implementer(IScanner, IClosable, IHealthReporting)
 class ClamdScanner:
     """Scans with clamd at ``endpoints`` (descriptions and Twisted client endpoints).
 
@@ -311,12 +311,27 @@ class ClamdScanner:
         self._timer = None
         self.check_health().addCallback(lambda _: self._schedule_check())
 
+    def health(self) -> Health:
+        """Up or down as the last scan or PING found each endpoint (those down
+        are PINGed every ``health_check_interval`` seconds); working while one is up."""
+        endpoints = tuple(EndpointHealth(self.name, state.description, state.up) for state in self.endpoints)
+        working = any(state.up for state in self.endpoints)
+        return Health(working, endpoints, "" if working else f"{self.name}: {self._unavailable()}")
+
+    def check(self) -> Deferred[None]:
+        """PING every endpoint, up or down; fires (never fails) when every PING
+        has ended: those that answer PONG are up, the others down."""
+        return self._ping_all([state for state in self.endpoints if not self._stopped])
+
     def check_health(self) -> Deferred[None]:
         """PING every endpoint marked down; those that answer PONG are used again.
 
         @return: a Deferred that fires (never fails) when every PING has ended.
         """
-        waits = [self._wait_for_ping(state) for state in self.endpoints if not state.up]
+        return self._ping_all([state for state in self.endpoints if not state.up])
+
+    def _ping_all(self, states: list[EndpointState]) -> Deferred[None]:
+        waits = [self._wait_for_ping(state) for state in states]
         return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     def _wait_for_ping(self, state: EndpointState) -> Deferred[None]:
@@ -351,6 +366,8 @@ class ClamdScanner:
                 log.info("clamd at {endpoint} answers again", endpoint=state.description)
             state.up = True
             state.refused_at = None
+        elif state.up:
+            self._mark_down(state, error)
         else:
             state.last_error = error
         waiting, state.waiting = state.waiting, []

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpguard.envelope import Envelope
-from smtpguard.interfaces import IClosable, IScanner
+from smtpguard.interfaces import IClosable, IHealthReporting, IScanner
 from smtpguard.results import ErrorKind, ScanResult, SizeLimit, Verdict
 from smtpguard.scanners.deadline import with_deadline
 from smtpguard.scanners.icap_protocol import (
@@ -36,7 +36,7 @@ from smtpguard.scanners.icap_protocol import (
     options_request,
     respmod_request,
 )
-from smtpguard.scanners.optional import oversize
+from smtpguard.scanners.optional import EndpointHealth, Health, oversize
 from smtpguard.spool import Message
 
 log = Logger()
@@ -344,7 +344,7 @@ def failure_result(problem: Exception, scanner: str) -> ScanResult:
     return ScanResult.failed(ErrorKind.OTHER, str(problem), scanner)
 
 
-@implementer(IScanner, IClosable)
+@implementer(IScanner, IClosable, IHealthReporting)
 class IcapScanner:
     """Scans with RESPMOD, after OPTIONS (cached for the server's Options-TTL).
 
@@ -379,6 +379,8 @@ class IcapScanner:
         self._waiting: list[Deferred[ServiceOptions]] = []
         self._fetching = False
         self.options_fetched = 0
+        self.up = True  # whether the last exchange got an answer
+        self._problem = ""
 
     @property
     def max_size(self) -> SizeLimit | None:
@@ -399,6 +401,20 @@ class IcapScanner:
         """Close the idle connections; a scan in progress keeps its own until it
         ends, and then closes it."""
         return self.pool.close()
+
+    def health(self) -> Health:
+        """Up or down as the last exchange found the server."""
+        problem = "" if self.up else f"{self.name}: {self._problem or 'down'}"
+        return Health(self.up, (EndpointHealth(self.name, self._service.uri, self.up),), problem)
+
+    def check(self) -> Deferred[None]:
+        """Ask for OPTIONS again (one request, shared with scans waiting for it)."""
+        self.invalidate()
+        return self.service_options().addCallbacks(lambda _: None, lambda _: None)
+
+    def _down(self, problem: BaseException) -> None:
+        self.up = False
+        self._problem = str(problem) or type(problem).__name__
 
     # -- OPTIONS, shared and cached
 
@@ -456,17 +472,25 @@ class IcapScanner:
         """``run`` on a pooled connection.  A reused connection that the server had
         closed before answering anything is replaced by a new one, once."""
         for fresh in (False, True):
-            connection, reused = await self.pool.acquire(fresh)
+            try:
+                connection, reused = await self.pool.acquire(fresh)
+            except (error.ConnectError, CancelledError) as problem:
+                self._down(problem)
+                raise
             try:
                 response = await run(connection)
-            except error.ConnectionClosed:
+            except error.ConnectionClosed as problem:
                 self.pool.discard(connection)
                 if reused and not connection.received:
                     continue
+                self._down(problem)
                 raise
-            except BaseException:
+            except BaseException as problem:
                 self.pool.discard(connection)
+                if isinstance(problem, ProtocolError | CancelledError):
+                    self._down(problem)
                 raise
+            self.up = True
             self.pool.release(connection, response.keeps_connection and response.status in (200, 204))
             return response
         raise AssertionError("unreachable")  # pragma: no cover

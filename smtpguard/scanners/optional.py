@@ -1,22 +1,59 @@
 """What a scanner may offer beyond ``scan``: the largest message it takes
-(``max_size``) and letting go of what it holds (:class:`IClosable`)."""
+(``max_size``), letting go of what it holds (:class:`IClosable`) and whether
+its engines answer (:class:`IHealthReporting`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from smtpguard.interfaces import IClosable, IScanner
+from smtpguard.interfaces import IClosable, IHealthReporting, IScanner
 from smtpguard.results import ErrorKind, ScanResult, SizeLimit
 
 if TYPE_CHECKING:
     from smtpguard.tables import Table
 
 log = Logger()
+
+
+@attrs.frozen
+class EndpointHealth:
+    """One engine endpoint of a scanner and whether it answered when last used
+    or checked."""
+
+    scanner: str
+    endpoint: str
+    up: bool
+
+
+@attrs.frozen
+class Health:
+    """Whether a scanner can scan now (``working``; else ``problem`` says why) and
+    what is known of each of its endpoints."""
+
+    working: bool
+    endpoints: tuple[EndpointHealth, ...] = ()
+    problem: str = ""
+
+
+def health(scanner: IScanner) -> Health:
+    """``scanner``'s health; one that does not report it (the built-in scanner,
+    say) needs no engine and always works."""
+    if not IHealthReporting.providedBy(scanner):
+        return Health(True)
+    return scanner.health()  # type: ignore[attr-defined,no-any-return]
+
+
+def check(scanner: IScanner) -> Deferred[None]:
+    """Have ``scanner`` ask its endpoints how they are now; never fails."""
+    if not IHealthReporting.providedBy(scanner):
+        return succeed(None)
+    return release(f"checking scanner {scanner.name}", scanner.check)  # type: ignore[attr-defined]
 
 
 def size_limit(scanner: IScanner) -> SizeLimit | None:
