@@ -10,25 +10,16 @@ import signal
 import smtplib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from smtpguard.scanners.builtin import EICAR
 from tests.conftest import SmtpSink, free_port
-from tests.test_twistd import LAUNCHERS, RECIPIENT, SENDER, Running, Starter
+from tests.test_twistd import LAUNCHERS, RECIPIENT, SENDER, Running, Starter, smtpguard  # noqa: F401 (the fixture)
 
 CLIENTS = 3
 VIRUS_REJECTED = 554
-
-
-@pytest.fixture
-def started(tmp_path: Path) -> Iterator[Starter]:
-    starter = Starter(tmp_path)
-    yield starter
-    for running in starter.started:
-        running.stop()
 
 
 def write_config(path: Path, port: int, sink: SmtpSink, on_virus: str) -> None:
@@ -107,7 +98,7 @@ def wait_until(condition: object, timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def test_sighup_reloads_while_mail_flows(tmp_path: Path, started: Starter, smtp_sink: SmtpSink) -> None:
+def test_sighup_reloads_while_mail_flows(tmp_path: Path, smtpguard: Starter, smtp_sink: SmtpSink) -> None:  # noqa: F811
     """Three clients send continuously; on_virus turns from reject to pass and
     twistd gets SIGHUP: no session drops, each client's open session still
     rejects EICAR with 554 (its policy), a new session gets 250 for EICAR, and
@@ -117,7 +108,7 @@ def test_sighup_reloads_while_mail_flows(tmp_path: Path, started: Starter, smtp_
     port = free_port()
     config = tmp_path / "smtpguard.toml"
     write_config(config, port, smtp_sink, "reject")
-    running = started(LAUNCHERS["twistd"], "--config", str(config), port=port)
+    running = smtpguard(LAUNCHERS["twistd"], "--config", str(config), port=port)
     reloaded, stop = threading.Event(), threading.Event()
     clients = [Client(number, port, reloaded, stop) for number in range(CLIENTS)]
     for client in clients:
