@@ -51,7 +51,7 @@ class Options(usage.Options):
     longdesc = (
         "Run smtpguard, the SMTP antivirus-scanning proxy. Settings come from the TOML file "
         "given with --config; --listen, --upstream and --scanner replace the file's values "
-        "(and are enough on their own for a quick start)."
+        "(and are enough on their own for a quick start). SIGHUP reads the file again."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
