@@ -52,22 +52,22 @@ class ReloadOnSignal(service.Service):
     """While running, SIGHUP calls ``reload`` from the reactor's loop (never inside
     the signal handler, which may interrupt any code).  twistd installs no SIGHUP
     handler of its own, in the foreground or daemonised; started with the
-    application, this one is installed after twistd has daemonised."""
+    application, this one is installed after twistd has daemonised.  Once stopped,
+    SIGHUP is ignored: the default action would end the process while it drains."""
 
     name = "reload-on-SIGHUP"
 
     def __init__(self, reactor: Any, reload: Callable[[], object]) -> None:
         self._reactor = reactor
         self._reload = reload
-        self._previous: Any = None
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._previous = signal.signal(signal.SIGHUP, self._received)
+        signal.signal(signal.SIGHUP, self._received)
 
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]
-        signal.signal(signal.SIGHUP, self._previous)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def _received(self, number: int, frame: FrameType | None) -> None:
         self._reactor.callFromThread(self._reload)
