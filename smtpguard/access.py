@@ -59,18 +59,19 @@ class ClientCounters:
     """Open connections and recent messages per client address.
 
     ``refused_connections`` counts the connections refused for
-    ``max_connections_per_client`` since the start, for metrics.
+    ``max_connections_per_client`` since the start, for metrics.  ``rules`` may
+    be replaced (a reload): the counts stay, the new limits apply from then on.
     """
 
     def __init__(self, rules: AccessRules) -> None:
-        self._rules = rules
+        self.rules = rules
         self._connections: dict[str, int] = defaultdict(int)
         self._messages: dict[str, deque[float]] = defaultdict(deque)
         self.refused_connections = 0
 
     def connect(self, address: str) -> bool:
         """Count a new connection; False (and not counted) when over the limit."""
-        limit = self._rules.max_connections_per_client
+        limit = self.rules.max_connections_per_client
         if limit and self._connections.get(address, 0) >= limit:
             self.refused_connections += 1
             return False
@@ -84,13 +85,13 @@ class ClientCounters:
 
     def message(self, address: str, now: float) -> bool:
         """Count a message started now; False (and not counted) when over the rate."""
-        limit = self._rules.max_messages_per_client
+        limit = self.rules.max_messages_per_client
         if not limit:
             return True
         if len(self._messages) > _SWEEP_AT:
             self._sweep(now)
         recent = self._messages[address]
-        while recent and recent[0] <= now - self._rules.rate_window:
+        while recent and recent[0] <= now - self.rules.rate_window:
             recent.popleft()
         if len(recent) >= limit:
             return False
@@ -99,6 +100,6 @@ class ClientCounters:
 
     def _sweep(self, now: float) -> None:
         """Forget addresses with no message inside the window: memory stays bounded."""
-        horizon = now - self._rules.rate_window
+        horizon = now - self.rules.rate_window
         for address in [address for address, recent in self._messages.items() if not recent or recent[-1] <= horizon]:
             del self._messages[address]

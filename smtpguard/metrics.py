@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from smtpguard.events import Event, Report
 from smtpguard.interfaces import IClosable, IHealthReporting, IScanner
+from smtpguard.reload import Generation
 from smtpguard.results import ScanResult, SizeLimit, Verdict
 from smtpguard.scanners.chain import Scanned, scan_timed
 from smtpguard.scanners.deadline import scan_safely
@@ -40,15 +41,6 @@ BYTES = tuple(float(4**power * 1024) for power in range(10))  # 1 KiB ... 256 Mi
 
 
 @attrs.define
-class ConfigStatus:
-    """The configuration in force: its generation (1 at start, one more at each
-    reload that took) and whether the last reload took."""
-
-    generation: int = 1
-    last_reload_succeeded: bool = True
-
-
-@attrs.define
 class Watched:
     """The live parts the gauges and ``/readyz`` look at; replaced whole when a
     reload builds new ones."""
@@ -69,7 +61,7 @@ class Metrics:
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self.registry = CollectorRegistry()
-        self.config = ConfigStatus()
+        self.config = Generation(1, reactor.seconds())  # the configuration in force
         self.watched = Watched()
         self.scans_in_flight = 0
         registry = self.registry
@@ -262,10 +254,10 @@ class _Live(Collector):
         yield GaugeMetricFamily(
             "smtpguard_config_generation",
             "The configuration in force: 1 at start, +1 per reload.",
-            value=metrics.config.generation,
+            value=metrics.config.number,
         )
         yield GaugeMetricFamily(
             "smtpguard_config_last_reload_success",
             "1 if the last reload took (or there was none), 0 if the old configuration stayed.",
-            value=float(metrics.config.last_reload_succeeded),
+            value=float(metrics.config.last_reload_ok),
         )

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import attrs
 from twisted.internet import interfaces
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,6 +45,7 @@ from smtpguard.tls import negotiated
 from smtpguard.wire import DataReader, LineEndingNormaliser
 
 log = Logger()
+T = TypeVar("T")
 
 # While a command is pending, stop reading from a client that has sent this much.
 _PAUSE_BUFFER = 256 * 1024
@@ -95,10 +96,18 @@ class ESMTPServer(Protocol):
         self._receiving_since = 0.0  # when DATA or the first BDAT came
         self._counted: str | None = None  # the address this connection is counted under
         self.outcome = "disconnected"  # how the session ended, for the metrics
+        self._setup: Setup | None = None  # taken from the factory when the connection is made
+        self._lost = False
+        self._left = False  # the factory was told that this session no longer uses its setup
+
+    @property
+    def setup(self) -> Setup:
+        """What this session runs with to its end, whatever the factory is given later."""
+        return self._setup if self._setup is not None else self.factory.setup
 
     @property
     def settings(self) -> ServerSettings:
-        return self.factory.settings
+        return self.setup.settings
 
     # -- connection ---------------------------------------------------------------
 
@@ -116,6 +125,7 @@ class ESMTPServer(Protocol):
             self._close()
 
     def connectionMade(self) -> None:
+        self._setup = self.factory.enter()
         self.factory.connections += 1
         self.factory.sessions.add(self)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -198,6 +208,15 @@ class ESMTPServer(Protocol):
         if self._relay is not None:
             self._relay.close()
             self._relay = None
+        self._lost = True
+        self._leave()
+
+    def _leave(self) -> None:
+        """Once the client is gone and no outcome is pending, this session no longer
+        uses its setup (its scanners and next hop may then be closed)."""
+        if self._lost and not self._busy and self._setup is not None and not self._left:
+            self._left = True
+            self.factory.leave(self._setup)
 
     def _close(self) -> None:
         self._closing = True
@@ -356,6 +375,7 @@ class ESMTPServer(Protocol):
 
     def _async_reply(self, reply: Reply) -> None:
         self._busy = False
+        self._leave()
         if self.transport is None or not self.transport.connected:  # type: ignore[attr-defined]
             return
         self._send(reply)
@@ -446,7 +466,7 @@ class ESMTPServer(Protocol):
             return replies.RATE_LIMITED
         envelope = Envelope(client, sender, parameters)
         if self._relay is None:
-            self._relay = self.factory.next_hop.session()
+            self._relay = self.setup.next_hop.session()
 
         def started(reply: Reply) -> Reply:
             if reply.positive:
@@ -465,7 +485,7 @@ class ESMTPServer(Protocol):
             recipient = parse_rcpt(argument, self._envelope.parameters.smtputf8)
         except EnvelopeError as error:
             return error.reply
-        if not self.factory.accepts(self._envelope, recipient):
+        if not self.setup.accepts(self._envelope, recipient):
             # The policy would decide otherwise for this recipient than for the
             # others: refused before the next hop hears of it, the client sends
             # it again in a transaction of its own (RFC 5321 4.5.3.1.10).
@@ -711,7 +731,7 @@ class ESMTPServer(Protocol):
             return reply
 
         receiving = self.factory.reactor.seconds() - self._receiving_since
-        return self.factory.process(envelope, message, relay, self._transaction_id, receiving).addBoth(done)
+        return self.setup.process(envelope, message, relay, self._transaction_id, receiving).addBoth(done)
 
     def _new_spool(self) -> Spool:
         self._receiving_since = self.factory.reactor.seconds()
@@ -754,6 +774,33 @@ class _Chunk:
             self._sink(data)
 
 
+@attrs.frozen(eq=False)
+class Setup:
+    """What a session runs with from its connection to its end: the next hop, the
+    message processor, the recipient check and the server settings.  A factory
+    hands its current one to each new session; a reload gives it another."""
+
+    next_hop: INextHop
+    process: Processor
+    settings: ServerSettings = ServerSettings()
+    accepts: RecipientCheck = _every_recipient
+
+
+class _SetupField(Generic[T]):
+    """One field of a factory's current setup; setting it gives the factory a new
+    setup (for sessions to come), as embedders and tests set these attributes."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, factory: GuardFactory, owner: type | None = None) -> T:
+        return cast(T, getattr(factory.setup, self._name))
+
+    def __set__(self, factory: GuardFactory, value: T) -> None:
+        changes: dict[str, Any] = {self._name: value}
+        factory.reconfigure(attrs.evolve(factory.setup, **changes))
+
+
 class GuardFactory(Factory):
     """Listen with this to run smtpguard on any endpoint.
 
@@ -762,10 +809,16 @@ class GuardFactory(Factory):
     of data (usually L{smtpguard.pipeline.Pipeline.process}); ``accepts`` says
     whether a RCPT may join its transaction (usually
     L{smtpguard.pipeline.Pipeline.accepts}); ``report`` hears of each session's
-    end and of each client refused (L{smtpguard.events}).
+    end and of each client refused (L{smtpguard.events}).  The first four are the
+    factory's :class:`Setup`, which :meth:`reconfigure` replaces for the sessions
+    to come.
     """
 
     protocol = ESMTPServer  # type: ignore[assignment]
+    next_hop = _SetupField[INextHop]()
+    process = _SetupField[Processor]()
+    settings = _SetupField[ServerSettings]()
+    accepts = _SetupField[RecipientCheck]()
 
     def __init__(
         self,
@@ -779,14 +832,39 @@ class GuardFactory(Factory):
         verifyObject(INextHop, next_hop)
         self.report = report
         self.reactor = reactor
-        self.next_hop = next_hop
-        self.process = process
-        self.accepts = accepts
-        self.settings = settings
+        self.setup = Setup(next_hop, process, settings, accepts)
         self.connections = 0
         self.sessions: set[ESMTPServer] = set()
         self.draining = False
+        # Counted across setups: a reload changes the limits, not who is connected.
         self.clients = ClientCounters(settings.access)
+        self._users: dict[Setup, int] = {}
+        self._retiring: dict[Setup, list[Deferred[None]]] = {}
+
+    def reconfigure(self, setup: Setup) -> Deferred[None]:
+        """Sessions made from now on run with ``setup`` (those under way keep
+        theirs); fires once no session uses the previous setup any more."""
+        previous, self.setup = self.setup, setup
+        self.clients.rules = setup.settings.access
+        if previous not in self._users:
+            return succeed(None)
+        retired: Deferred[None] = Deferred()
+        self._retiring.setdefault(previous, []).append(retired)
+        return retired
+
+    def enter(self) -> Setup:
+        """A session starts: the setup it runs with."""
+        self._users[self.setup] = self._users.get(self.setup, 0) + 1
+        return self.setup
+
+    def leave(self, setup: Setup) -> None:
+        """A session that ran with ``setup`` is over (its outcomes too)."""
+        users = self._users.pop(setup) - 1
+        if users:
+            self._users[setup] = users
+            return
+        for retired in self._retiring.pop(setup, []):
+            retired.callback(None)
 
     def drain(self) -> None:
         """Shutting down: idle sessions get 421 at once, busy ones right after the

@@ -13,8 +13,9 @@ from typing import Any
 import attrs
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from smtpguard import config as configuration
@@ -29,12 +30,15 @@ from smtpguard.policies.default import DefaultPolicy
 from smtpguard.proxyprotocol import ProxyProtocolFactory
 from smtpguard.quarantine import Quarantine, build_quarantine
 from smtpguard.registry import build_policy, build_scanner
+from smtpguard.reload import Generation, ReloadOnSignal, restart_needed
 from smtpguard.scanners.chain import AllScanners
 from smtpguard.scanners.optional import close, release, size_limit
-from smtpguard.server import GuardFactory
+from smtpguard.server import GuardFactory, Setup
 from smtpguard.tls import ServerTLS
 from smtpguard.transactionlog import TransactionLogFile, check_writable, log_transaction
 from smtpguard.upstream import Upstream
+
+log = Logger()
 
 
 def scanner_table(spec: str) -> dict[str, str]:
@@ -51,7 +55,7 @@ class Options(usage.Options):
     longdesc = (
         "Run smtpguard, the SMTP antivirus-scanning proxy. Settings come from the TOML file "
         "given with --config; --listen, --upstream and --scanner replace the file's values "
-        "(and are enough on their own for a quick start)."
+        "(and are enough on their own for a quick start). SIGHUP reads the file again."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file."],
@@ -147,17 +151,11 @@ class Shared:
         return gatherResults(closing).addCallback(lambda _: None)
 
 
-def build_factory(
-    config: Config,
-    reactor: Any,
-    listener: Listener | None = None,
-    shared: Shared | None = None,
-    metrics: Metrics | None = None,
-) -> GuardFactory:
-    """The listening factory for ``config`` (and one of its ``listener``s):
-    scanners, policy and next hop wired, counted in ``metrics`` if given."""
-    shared = shared or Shared.build(config, reactor, metrics)
-    listener = listener or config.listeners[0]
+def build_setup(
+    config: Config, reactor: Any, listener: Listener, shared: Shared, metrics: Metrics | None = None
+) -> Setup:
+    """What a session on ``listener`` runs with under ``config``: scanners,
+    policy and next hop wired, counted in ``metrics`` if given."""
     policy = build_policy(config.policy_for(listener), f"{config.source}: policy")
     if shared.quarantine is None and _any_setting(policy, "quarantine", "quarantine_dropped"):
         raise ConfigError(f"{config.source}: policy.quarantine: needs a [quarantine] directory")
@@ -178,8 +176,22 @@ def build_factory(
         raise ConfigError(f"{config.source}: server.spool_directory: {spool!r} is not a writable directory")
     size = configuration.message_size(config, size_limit(shared.scanner))
     settings = attrs.evolve(config.server, tls=server_tls(config), access=listener.access, max_message_size=size)
+    return Setup(shared.upstream, pipeline.process, settings, pipeline.accepts)
+
+
+def build_factory(
+    config: Config,
+    reactor: Any,
+    listener: Listener | None = None,
+    shared: Shared | None = None,
+    metrics: Metrics | None = None,
+) -> GuardFactory:
+    """The listening factory for ``config`` (and one of its ``listener``s):
+    scanners, policy and next hop wired, counted in ``metrics`` if given."""
+    listener = listener or config.listeners[0]
+    setup = build_setup(config, reactor, listener, shared or Shared.build(config, reactor, metrics), metrics)
     report = ignore if metrics is None else metrics.for_listener(listener.endpoint)
-    return GuardFactory(reactor, shared.upstream, pipeline.process, settings, pipeline.accepts, report)
+    return GuardFactory(reactor, setup.next_hop, setup.process, setup.settings, setup.accepts, report)
 
 
 def _any_setting(policy: IPolicy, *flags: str) -> bool:
@@ -236,62 +248,209 @@ def _poll(reactor: Any, done: Any, interval: float) -> Deferred[None]:
     return waiting
 
 
-def build_service(config: Config, reactor: Any, metrics: Metrics | None = None) -> service.MultiService:
-    """A service listening on every configured endpoint, and serving ``/metrics``
-    on ``[metrics] listen`` when set (``metrics``, if given, is counted in
-    whether or not it is served)."""
-    if metrics is None and config.metrics_listen is not None:
-        metrics = Metrics(reactor)
-    shared = Shared.build(config, reactor, metrics)
-    top = service.MultiService()
-    if metrics is not None and config.metrics_listen is not None:
-        # Added first so it stops last: /readyz says "not listening" while draining.
+@attrs.frozen
+class _Loaded:
+    """One configuration, built: what its sessions share and, per listener, the
+    setup they run with."""
+
+    config: Config
+    shared: Shared
+    setups: tuple[Setup, ...]
+
+
+class GuardService(service.MultiService):
+    """Every listener of one configuration; :meth:`reload` puts another in force
+    for the sessions to come.
+
+    ``generation`` is the :class:`~smtpguard.reload.Generation` in force; each
+    callable in ``reloaded`` is called with the new one after every reload,
+    refused or not (for monitoring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        load: Callable[[], Config] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._reactor = reactor
+        self._load = load
+        if metrics is None and config.metrics_listen is not None:
+            metrics = Metrics(reactor)
+        self.metrics = metrics
+        self._started_with = config  # whose listeners listen until a restart
+        self._endpoints = [listener.endpoint for listener in config.listeners]
+        self.reloaded: list[Callable[[Generation], object]] = []
+        if metrics is not None and config.metrics_listen is not None:
+            # Added first so it stops last: /readyz says "not listening" while draining.
+            try:
+                monitoring = monitoring_service(config.metrics_listen, reactor, metrics)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(
+                    f"{config.source}: metrics.listen: bad endpoint {config.metrics_listen!r}: {error}"
+                ) from None
+            monitoring.setServiceParent(self)
+        if config.logging.file is not None:
+            # Started first and stopped last: the transactions of draining sessions are logged.
+            check_writable(config.logging, config.source)
+            TransactionLogFile(config.logging).setServiceParent(self)  # type: ignore[no-untyped-call]
+        # Services stop in the reverse order: the listeners first, then the
+        # draining sessions (and what they shared, once they are done), then the
+        # notifier (whose notices those sessions may still queue).
+        self.notifications = NotifierService()
+        self.notifications.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self._loaded = self._build(config)
+        self._open = [self._loaded.shared]  # what each configuration shares, until closed
+        self._use_outbox(self._loaded)
+        self.factories = [
+            GuardFactory(
+                reactor,
+                setup.next_hop,
+                setup.process,
+                setup.settings,
+                setup.accepts,
+                ignore if metrics is None else metrics.for_listener(listener.endpoint),
+            )
+            for listener, setup in zip(config.listeners, self._loaded.setups, strict=True)
+        ]
+        Drain(reactor, self.factories, release=self._close_all).setServiceParent(self)  # type: ignore[no-untyped-call]
+        for listener, guard in zip(config.listeners, self.factories, strict=True):
+            factory: Any = guard
+            if listener.proxy_protocol:
+                factory = ProxyProtocolFactory(guard, listener.trusted_proxies, reactor, report=guard.report)
+            try:
+                endpoint = serverFromString(reactor, listener.endpoint)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
+            listening = StreamServerEndpointService(endpoint, factory)
+            listening._raiseSynchronously = True
+            listening.setServiceParent(self)
+        self.generation = Generation(1, reactor.seconds())
+        self._watch()
+
+    def reload(self, config: Config | None = None) -> Generation:
+        """Put ``config`` in force (by default, the configuration read again as at
+        the start) for the sessions to come; sessions under way finish with the
+        one they started with, whose scanners and kept next-hop connections are
+        closed after the last of them.  A configuration that cannot be built is
+        refused with one logged error and the one in force stays; a change only
+        a restart applies is logged and left out.  Returns the generation then
+        in force, which says whether the reload took."""
+        if any(factory.draining for factory in self.factories):
+            log.info("stopping: the configuration is not reloaded")
+            return self.generation
         try:
-            monitoring = monitoring_service(config.metrics_listen, reactor, metrics)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(
-                f"{config.source}: metrics.listen: bad endpoint {config.metrics_listen!r}: {error}"
-            ) from None
-        monitoring.setServiceParent(top)
-    if config.logging.file is not None:
-        # Started first and stopped last: the transactions of draining sessions are logged.
-        check_writable(config.logging, config.source)
-        TransactionLogFile(config.logging).setServiceParent(top)  # type: ignore[no-untyped-call]
-    # Services stop in the reverse order: the listeners first, then the draining
-    # sessions (and what they shared, once they are done), then the notifier
-    # (whose notices those sessions may still queue).
-    if shared.notifier is not None:
-        NotifierService(shared.notifier).setServiceParent(top)  # type: ignore[no-untyped-call]
-    factories: list[GuardFactory] = []
-    Drain(reactor, factories, release=shared.close).setServiceParent(top)  # type: ignore[no-untyped-call]
-    for listener in config.listeners:
-        guard = build_factory(config, reactor, listener, shared, metrics)
-        factories.append(guard)
-        factory: Any = guard
-        if listener.proxy_protocol:
-            factory = ProxyProtocolFactory(guard, listener.trusted_proxies, reactor, report=guard.report)
-        try:
-            endpoint = serverFromString(reactor, listener.endpoint)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
-        listening = StreamServerEndpointService(endpoint, factory)
-        listening._raiseSynchronously = True
-        listening.setServiceParent(top)
-    if metrics is not None:
-        metrics.watched = Watched(
-            {listener.endpoint: factory for listener, factory in zip(config.listeners, factories, strict=True)},
+            if config is None:
+                if self._load is None:
+                    raise ConfigError("no configuration to read again: give reload() one")
+                config = self._load()
+            loaded = self._build(config)
+            changes = self._use_outbox(loaded)
+        except Exception as error:
+            source = config.source if config is not None else self._started_with.source
+            reason = str(error) if isinstance(error, ConfigError) else f"{source}: {error!r}"
+            log.error("configuration not reloaded, the one in force stays: {reason}", reason=reason)
+            return self._now(attrs.evolve(self.generation, last_reload_ok=False, last_error=reason))
+        for change in restart_needed(self._started_with, config) + changes:
+            log.warn("{source}: {change} changed: needs a restart; not applied", source=config.source, change=change)
+        previous, self._loaded = self._loaded, loaded
+        self._open.append(loaded.shared)
+        retired = [factory.reconfigure(setup) for factory, setup in zip(self.factories, loaded.setups, strict=True)]
+        gatherResults(retired).addCallback(lambda _: self._close(previous.shared))
+        for child in self:
+            # The transaction log's file, reopened as log rotation expects of a SIGHUP.
+            reopen = getattr(child, "reopen", None)
+            if callable(reopen):
+                reopen()
+        generation = self._now(Generation(self.generation.number + 1, self._reactor.seconds()))
+        log.info("{source}: configuration reloaded (generation {n})", source=config.source, n=generation.number)
+        return generation
+
+    def _now(self, generation: Generation) -> Generation:
+        self.generation = generation
+        self._watch()
+        for observer in self.reloaded:
+            observer(generation)
+        return generation
+
+    def _watch(self) -> None:
+        """Show the metrics the configuration in force and the parts it uses."""
+        if self.metrics is None:
+            return
+        shared = self._loaded.shared
+        self.metrics.config = self.generation
+        self.metrics.watched = Watched(
+            dict(zip(self._endpoints, self.factories, strict=True)),
             shared.scanner,
             shared.upstream,
-            shared.notifier.outbox if shared.notifier is not None else None,
+            self.notifications.notifier.outbox if self.notifications.notifier is not None else None,
             shared.quarantine,
         )
-    return top
+
+    def _build(self, config: Config) -> _Loaded:
+        # A listener keeps its endpoint until a restart; the file's listener with
+        # the same endpoint gives its access rules and policy (if none does, it
+        # keeps those it has).
+        listeners = {listener.endpoint: listener for listener in config.listeners}
+        running = [listeners.get(listener.endpoint, listener) for listener in self._started_with.listeners]
+        shared = Shared.build(config, self._reactor, self.metrics)
+        try:
+            setups = tuple(build_setup(config, self._reactor, listener, shared, self.metrics) for listener in running)
+        except BaseException:
+            shared.close()
+            raise
+        return _Loaded(config, shared, setups)
+
+    def _use_outbox(self, loaded: _Loaded) -> list[str]:
+        """One outbox delivers across reloads (its notices stay queued): a new
+        notifier takes the one in use, with its own retry settings and next hop.
+        The restart-only changes this finds."""
+        notifier, current = loaded.shared.notifier, self.notifications.notifier
+        if notifier is None:
+            return []
+        if current is None:
+            try:
+                self.notifications.use(notifier)
+            except OSError as error:
+                loaded.shared.close()
+                where = f"{loaded.config.source}: notifications.outbox"
+                raise ConfigError(f"{where}: cannot use {notifier.outbox.directory!r}: {error.strerror}") from None
+            return []
+        outbox = current.outbox
+        moved = os.path.normpath(outbox.directory) != os.path.normpath(notifier.outbox.directory)
+        outbox.follow(notifier.outbox)
+        notifier.outbox = outbox
+        self.notifications.use(notifier)
+        return ["notifications.outbox"] if moved else []
+
+    def _close(self, shared: Shared) -> Deferred[None]:
+        if shared not in self._open:
+            return succeed(None)
+        self._open.remove(shared)
+        return shared.close()
+
+    def _close_all(self) -> Deferred[None]:
+        return gatherResults([self._close(shared) for shared in list(self._open)]).addCallback(lambda _: None)
+
+
+def build_service(
+    config: Config, reactor: Any, load: Callable[[], Config] | None = None, metrics: Metrics | None = None
+) -> GuardService:
+    """A service listening on every configured endpoint, and serving ``/metrics``
+    on ``[metrics] listen`` when set (``metrics``, if given, is counted in
+    whether or not it is served); ``load`` reads the configuration again for
+    :meth:`GuardService.reload`."""
+    return GuardService(config, reactor, load, metrics)
 
 
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     try:
-        return build_service(options["loaded"], reactor)
+        top = build_service(options["loaded"], reactor, options.load)
     except ConfigError as error:
         raise SystemExit(f"smtpguard: {error}") from None
+    # Under twistd only: a program that embeds the service calls reload() itself.
+    ReloadOnSignal(reactor, top.reload).setServiceParent(top)  # type: ignore[no-untyped-call]
+    return top

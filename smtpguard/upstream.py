@@ -501,6 +501,7 @@ class KeptConnections:
         self._size = size
         self._idle_time = idle_time
         self._kept: list[tuple[SMTPClientProtocol, IDelayedCall]] = []
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -518,7 +519,8 @@ class KeptConnections:
         if not _reusable(protocol):
             _close_unused(protocol)
             return
-        if len(self._kept) >= self._size:
+        # Closed: a session that ended after its next hop was let go (a reload, a stop).
+        if self._closed or len(self._kept) >= self._size:
             _quit(protocol)
             return
         expiry = self._reactor.callLater(self._idle_time, self._expire, protocol)
@@ -529,7 +531,9 @@ class KeptConnections:
         _close_unused(protocol)
 
     def close(self) -> Deferred[None]:
-        """Close every kept connection; fires once they are all gone."""
+        """Close every kept connection, and each one given later; fires once the
+        kept ones are all gone."""
+        self._closed = True
         kept, self._kept = self._kept, []
         for protocol, expiry in kept:
             expiry.cancel()

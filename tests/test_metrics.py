@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -325,7 +326,7 @@ def test_config_generation_and_last_reload_success_follow_the_holder() -> None:
     metrics = Metrics(Clock())
     assert value(metrics, "smtpguard_config_generation") == 1
     assert value(metrics, "smtpguard_config_last_reload_success") == 1
-    metrics.config.last_reload_succeeded = False
+    metrics.config = attrs.evolve(metrics.config, last_reload_ok=False, last_error="policy.on_virus: bad")
     assert value(metrics, "smtpguard_config_generation") == 1
     assert value(metrics, "smtpguard_config_last_reload_success") == 0
 

@@ -131,6 +131,12 @@ class Outbox:
         self._stopping: list[Deferred[None]] = []
         self._watchers: dict[str, list[Deferred[Outcome]]] = {}
 
+    def follow(self, other: Outbox) -> None:
+        """Deliver from now on as ``other`` would (its next hop, retry settings and
+        host name: a reloaded configuration's), keeping this outbox's directory and
+        the notices queued in it."""
+        self._next_hop, self._retry, self._client = other._next_hop, other._retry, other._client
+
     # -- queueing --------------------------------------------------------------------
 
     def add(self, recipient: str, message: bytes, kind: str, transaction_id: str) -> QueuedNotice:
