@@ -15,6 +15,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from smtpguard import config as configuration
@@ -29,7 +30,7 @@ from smtpguard.registry import build_policy, build_scanner
 from smtpguard.scanners.chain import AllScanners
 from smtpguard.scanners.optional import close, release, size_limit
 from smtpguard.server import GuardFactory
-from smtpguard.tls import ServerTLS
+from smtpguard.tls import ServerTLS, TLSFileError
 from smtpguard.upstream import Upstream
 
 
@@ -99,8 +100,8 @@ def server_tls(config: Config) -> Any:
         return None
     try:
         return ServerTLS(config.tls_certificate, config.tls_key)
-    except Exception as error:
-        raise ConfigError(f"{config.source}: server.tls_certificate: cannot load: {error}") from None
+    except TLSFileError as error:
+        raise ConfigError(f"{config.source}: server.{error.setting}: {error}") from None
 
 
 def build_scanners(config: Config, reactor: Any) -> AllScanners:
@@ -225,6 +226,30 @@ def _poll(reactor: Any, done: Any, interval: float) -> Deferred[None]:
     return waiting
 
 
+class Listening(StreamServerEndpointService):
+    """Listens on the endpoint ``description`` names.  When it cannot, starting
+    stops with one line naming the endpoint and the reason, not a traceback."""
+
+    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
+        self.description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except (CannotListenError, OSError) as error:
+            raise SystemExit(f"smtpguard: {cannot_listen(self.description, error)}") from None
+
+
+def cannot_listen(description: str, error: Exception) -> str:
+    """``cannot listen on ENDPOINT: REASON``, the reason as the system says it
+    (``address already in use``, ``permission denied``)."""
+    cause = error.socketError if isinstance(error, CannotListenError) else error
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    return f"cannot listen on {description}: {reason[:1].lower()}{reason[1:]}"
+
+
 def build_service(config: Config, reactor: Any) -> service.MultiService:
     """A service listening on every configured endpoint."""
     shared = Shared.build(config, reactor)
@@ -246,9 +271,12 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
             endpoint = serverFromString(reactor, listener.endpoint)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
-        listening = StreamServerEndpointService(endpoint, factory)
-        listening._raiseSynchronously = True
-        listening.setServiceParent(top)
+        except (IndexError, KeyError):  # the systemd: parser looks the socket up at once
+            raise ConfigError(
+                f"cannot listen on {listener.endpoint}: systemd passed no such socket"
+                " (start smtpguard through its .socket unit)"
+            ) from None
+        Listening(listener.endpoint, endpoint, factory).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 
 
