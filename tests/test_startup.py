@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from smtpguard import config as configuration
 from smtpguard import replies
 from tests.certificates import throwaway_certificate
 from tests.conftest import SmtpSink, free_port, require_program
 from tests.test_twistd import LAUNCHERS, REPO, TWISTD, Running, Starter, assert_relayed, environment, run, send
 
 SYSTEMD_LISTENER = "systemd:domain=INET:index=0"
+CONTRIB = REPO / "contrib" / "systemd"
 NOWHERE = ["--upstream", "tcp:127.0.0.1:1", "--scanner", "builtin"]  # never reached: start-up fails first
 CAPTURE = [sys.executable, "-m", "smtpguard.cli", "capture"]
 # twistd's log lines start with a time and the logging system: "2026-... [stderr#error] ".
@@ -200,3 +202,24 @@ def test_capture_stops_on_sigterm_with_status_0(tmp_path: Path) -> None:
     process.terminate()
 
     assert running.process.wait(10) == 0
+
+
+def test_example_configuration_is_valid() -> None:
+    """contrib/systemd/smtpguard.toml, the unit's example, passes the configuration checks."""
+    loaded = configuration.load(str(CONTRIB / "smtpguard.toml"))
+
+    assert [listener.endpoint for listener in loaded.listeners] == [SYSTEMD_LISTENER]
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    """systemd-analyze verify finds nothing wrong in smtpguard.service and
+    smtpguard.socket (with ExecStart's twistd pointed at this environment's)."""
+    analyze = require_program("systemd-analyze")
+    twistd = Path(sys.executable).parent / "twistd"
+    service = (CONTRIB / "smtpguard.service").read_text(encoding="utf-8")
+    (tmp_path / "smtpguard.service").write_text(service.replace("/opt/smtpguard/bin/twistd", str(twistd)))
+    (tmp_path / "smtpguard.socket").write_text((CONTRIB / "smtpguard.socket").read_text(encoding="utf-8"))
+
+    result = run([analyze, "verify", "--man=no", "smtpguard.service", "smtpguard.socket"], tmp_path)
+
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
