@@ -87,22 +87,37 @@ def scan(arguments: argparse.Namespace) -> int:
 
 
 def capture(arguments: argparse.Namespace) -> int:
-    from twisted.internet import reactor
+    """Serve until stopped (exit 0); exit 1 with one line when the endpoint
+    cannot be listened on."""
+    from twisted.internet.defer import Deferred, succeed
     from twisted.internet.endpoints import serverFromString
+    from twisted.internet.error import CannotListenError
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from smtpguard.capture import capture_factory
+    from smtpguard.listening import cannot_listen
+    from smtpguard.running import run_until_done
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    endpoint = serverFromString(reactor, arguments.listen)
+    def serve(reactor: Any) -> Deferred[int]:
+        try:
+            endpoint = serverFromString(reactor, arguments.listen)
+        except ValueError as error:
+            print(f"smtpguard capture: bad endpoint {arguments.listen!r}: {error}", file=sys.stderr)
+            return succeed(1)
 
-    def failed(failure: Any) -> None:
-        print(f"smtpguard capture: {failure.getErrorMessage()}", file=sys.stderr)
-        reactor.stop()  # type: ignore[attr-defined]
+        def failed(failure: Any) -> int:
+            failure.trap(CannotListenError, OSError)
+            print(f"smtpguard capture: {cannot_listen(arguments.listen, failure.value)}", file=sys.stderr)
+            return 1
 
-    endpoint.listen(capture_factory(reactor, arguments.directory)).addErrback(failed)
-    reactor.run()  # type: ignore[attr-defined]
-    return 0
+        # Standard error stays ours, for the one line that says why it stopped.
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+        stopped: Deferred[int] = Deferred()  # by SIGINT or SIGTERM, a normal end
+        reactor.addSystemEventTrigger("before", "shutdown", stopped.callback, 0)
+        listening: Deferred[Any] = endpoint.listen(capture_factory(reactor, arguments.directory))
+        return listening.addCallbacks(lambda _: stopped, failed)
+
+    return run_until_done(serve, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

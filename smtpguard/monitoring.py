@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -15,6 +14,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from smtpguard.listening import Listening
 from smtpguard.metrics import Metrics
 from smtpguard.readiness import Readiness
 
@@ -100,10 +100,8 @@ def site(metrics: Metrics, readiness: Readiness) -> Site:
     return _QuietSite(root)  # type: ignore[no-untyped-call]
 
 
-def monitoring_service(description: str, reactor: Any, metrics: Metrics) -> StreamServerEndpointService:
+def monitoring_service(description: str, reactor: Any, metrics: Metrics) -> Listening:
     """The service serving ``site`` on the server endpoint ``description``
     (already checked by the configuration)."""
     readiness = Readiness(reactor, lambda: metrics.watched)
-    listening = StreamServerEndpointService(serverFromString(reactor, description), site(metrics, readiness))
-    listening._raiseSynchronously = True
-    return listening
+    return Listening(description, serverFromString(reactor, description), site(metrics, readiness))

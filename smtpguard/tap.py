@@ -12,7 +12,6 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -22,6 +21,7 @@ from smtpguard import config as configuration
 from smtpguard.config import Config, ConfigError, Listener
 from smtpguard.events import ignore
 from smtpguard.interfaces import IPolicy, IScanner
+from smtpguard.listening import Listening
 from smtpguard.metrics import Metrics, Watched
 from smtpguard.monitoring import monitoring_service
 from smtpguard.notifiers import Notifier, NotifierService, build_notifier
@@ -34,7 +34,7 @@ from smtpguard.reload import Generation, ReloadOnSignal, restart_needed
 from smtpguard.scanners.chain import AllScanners
 from smtpguard.scanners.optional import close, release, size_limit
 from smtpguard.server import GuardFactory, Setup
-from smtpguard.tls import ServerTLS
+from smtpguard.tls import ServerTLS, TLSFileError
 from smtpguard.transactionlog import TransactionLogFile, check_writable, log_transaction
 from smtpguard.upstream import Upstream
 
@@ -107,8 +107,8 @@ def server_tls(config: Config) -> Any:
         return None
     try:
         return ServerTLS(config.tls_certificate, config.tls_key)
-    except Exception as error:
-        raise ConfigError(f"{config.source}: server.tls_certificate: cannot load: {error}") from None
+    except TLSFileError as error:
+        raise ConfigError(f"{config.source}: server.{error.setting}: {error}") from None
 
 
 def build_scanners(config: Config, reactor: Any) -> AllScanners:
@@ -290,7 +290,7 @@ class GuardService(service.MultiService):
                 raise ConfigError(
                     f"{config.source}: metrics.listen: bad endpoint {config.metrics_listen!r}: {error}"
                 ) from None
-            monitoring.setServiceParent(self)
+            monitoring.setServiceParent(self)  # type: ignore[no-untyped-call]
         if config.logging.file is not None:
             # Started first and stopped last: the transactions of draining sessions are logged.
             check_writable(config.logging, config.source)
@@ -323,9 +323,12 @@ class GuardService(service.MultiService):
                 endpoint = serverFromString(reactor, listener.endpoint)
             except (ValueError, TypeError) as error:
                 raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
-            listening = StreamServerEndpointService(endpoint, factory)
-            listening._raiseSynchronously = True
-            listening.setServiceParent(self)
+            except (IndexError, KeyError):  # the systemd: parser looks the socket up at once
+                raise ConfigError(
+                    f"cannot listen on {listener.endpoint}: systemd passed no such socket"
+                    " (start smtpguard through its .socket unit)"
+                ) from None
+            Listening(listener.endpoint, endpoint, factory).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.generation = Generation(1, reactor.seconds())
         self._watch()
 

@@ -10,11 +10,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet import ssl
 
 
 @functools.cache
-def throwaway_certificate(name: str) -> tuple[bytes, bytes]:
-    """(key, certificate) in PEM: self-signed, for ``name`` and 127.0.0.1, valid a day."""
+def throwaway(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """(key, certificate): self-signed, for ``name`` and 127.0.0.1, valid a day."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
@@ -34,7 +35,22 @@ def throwaway_certificate(name: str) -> tuple[bytes, bytes]:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
+    return key, certificate
+
+
+def throwaway_certificate(name: str) -> tuple[bytes, bytes]:
+    """(key, certificate) of :func:`throwaway` in PEM."""
+    key, certificate = throwaway(name)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def server_options(name: str) -> ssl.CertificateOptions:
+    """Twisted's server options presenting the throwaway certificate for ``name``.
+    CertificateOptions hands its key and certificate to pyOpenSSL as they are,
+    and pyOpenSSL takes ``cryptography`` objects (its own X509 and PKey are
+    deprecated)."""
+    key, certificate = throwaway(name)
+    return ssl.CertificateOptions(privateKey=key, certificate=certificate)  # type: ignore[arg-type]

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -27,7 +26,7 @@ from twisted.python.failure import Failure
 
 from smtpguard import replies, testing
 from smtpguard.replies import Reply
-from tests.certificates import throwaway_certificate
+from tests.certificates import server_options, throwaway_certificate
 
 
 class Postfix:
@@ -803,8 +802,7 @@ class StrictHop(Factory):
         return throwaway_certificate(self.settings.hostname)[1]
 
     def tls_options(self) -> Any:
-        key, certificate = throwaway_certificate(self.settings.hostname)
-        return ssl.PrivateCertificate.loadPEM(key + b"\n" + certificate).options()
+        return server_options(self.settings.hostname)
 
     def queue_id(self) -> str:
         self._queue_ids += 1
