@@ -38,6 +38,7 @@ class Config:
     quarantine: Mapping[str, Any] | None = None  # the [quarantine] table, checked by its builder
     notifications: Mapping[str, Any] | None = None  # the [notifications] table, checked by its builder
     max_message_size_set: bool = False  # whether [server] gives max_message_size (else: the default)
+    workers: int = 1  # processes sharing the listening sockets (smtpguard.workers)
 
     def policy_for(self, listener: Listener) -> Mapping[str, Any]:
         """The ``[policy]`` table as ``listener`` has it: its own keys over the others."""
@@ -95,6 +96,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         require_tls=server.get("require_tls", bool, False),
         access=_access(server, AccessRules()),
     )
+    workers = server.positive("workers", int, 1)
     proxy = _proxy(server, False, ())
     certificate = server.get("tls_certificate", str, None)  # type: ignore[arg-type]
     key = server.get("tls_key", str, None)  # type: ignore[arg-type]
@@ -167,6 +169,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         quarantine=quarantine,
         notifications=notifications,
         max_message_size_set="max_message_size" in server.data,
+        workers=workers,
     )
 
 

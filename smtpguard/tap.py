@@ -7,6 +7,7 @@ reactor and add the returned service to your application.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -53,12 +54,21 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file."],
         ["upstream", "u", None, "Next hop as a client endpoint, e.g. tcp:127.0.0.1:10026."],
         ["hostname", None, None, "Our name in the greeting, EHLO and Received: headers."],
+        ["workers", None, None, "Worker processes sharing the listening sockets ([server] workers).", int],
+        ["worker-number", None, None, "Set by the supervisor in the workers it starts.", int],
     ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
         self["scanners"] = []
+        self["adopt"] = []
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Kept for the workers, which the supervisor starts with the same options.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)  # type: ignore[no-untyped-call]
 
     def opt_listen(self, endpoint: str) -> None:
         """Listen on a server endpoint, e.g. tcp:10025:interface=127.0.0.1 (repeatable)."""
@@ -67,6 +77,10 @@ class Options(usage.Options):
     def opt_scanner(self, spec: str) -> None:
         """Scan with: builtin, clamd:ENDPOINT, icap://HOST:PORT/SERVICE or a plugin's name (repeatable)."""
         self["scanners"].append(scanner_table(spec))
+
+    def opt_adopt(self, fd: str) -> None:
+        """Set by the supervisor: listen on this inherited socket (repeatable, one per listener)."""
+        self["adopt"].append(int(fd))
 
     opt_l = opt_listen
     opt_s = opt_scanner
@@ -86,6 +100,8 @@ class Options(usage.Options):
             server["listen"] = self["listen"]
         if self["hostname"]:
             server["hostname"] = self["hostname"]
+        if self["workers"] is not None:
+            server["workers"] = self["workers"]
         if self["upstream"]:
             data.setdefault("upstream", {})["endpoint"] = self["upstream"]
         if self["scanners"]:
@@ -225,8 +241,29 @@ def _poll(reactor: Any, done: Any, interval: float) -> Deferred[None]:
     return waiting
 
 
-def build_service(config: Config, reactor: Any) -> service.MultiService:
-    """A service listening on every configured endpoint."""
+Listen = Callable[[Listener, Any], service.IService]
+"""How one listener's factory is listened on: a service that listens while it runs."""
+
+
+def listen_on_endpoint(config: Config, reactor: Any) -> Listen:
+    """Listening on each listener's endpoint string, as a single process does."""
+
+    def listen(listener: Listener, factory: Any) -> service.IService:
+        try:
+            endpoint = serverFromString(reactor, listener.endpoint)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
+        listening = StreamServerEndpointService(endpoint, factory)
+        listening._raiseSynchronously = True
+        return listening
+
+    return listen
+
+
+def build_service(config: Config, reactor: Any, listen: Listen | None = None) -> service.MultiService:
+    """A service listening on every configured endpoint (or as ``listen`` has it:
+    a worker adopts its supervisor's sockets)."""
+    listen = listen or listen_on_endpoint(config, reactor)
     shared = Shared.build(config, reactor)
     top = service.MultiService()
     # Services stop in the reverse order: the listeners first, then the draining
@@ -242,13 +279,7 @@ def build_service(config: Config, reactor: Any) -> service.MultiService:
         factory: Any = guard
         if listener.proxy_protocol:
             factory = ProxyProtocolFactory(guard, listener.trusted_proxies, reactor)
-        try:
-            endpoint = serverFromString(reactor, listener.endpoint)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
-        listening = StreamServerEndpointService(endpoint, factory)
-        listening._raiseSynchronously = True
-        listening.setServiceParent(top)
+        listen(listener, factory).setServiceParent(top)  # type: ignore[attr-defined]
     return top
 
 
@@ -256,6 +287,10 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     try:
+        if options["worker-number"] is not None or options["loaded"].workers > 1:
+            from smtpguard import workers
+
+            return workers.make_service(options, reactor)
         return build_service(options["loaded"], reactor)
     except ConfigError as error:
         raise SystemExit(f"smtpguard: {error}") from None
