@@ -24,18 +24,19 @@ import attrs
 from twisted.application import service
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import (
-    AdoptedStreamServerEndpoint,
-    TCP4ServerEndpoint,
-    TCP6ServerEndpoint,
-    UNIXServerEndpoint,
-    serverFromString,
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectionDone,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
 )
-from twisted.internet.error import ConnectionDone, ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IListeningPort, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON, globalLogPublisher, jsonFileLogObserver
 from twisted.python.failure import Failure
+from twisted.python.lockfile import FilesystemLock
 from zope.interface import implementer
 
 from smtpguard.config import Config, ConfigError, Listener
@@ -45,7 +46,7 @@ log = Logger()
 FIRST_FD = 3  # the listeners' sockets are a worker's file descriptors 3, 4, ...
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 LOGGER = "smtpguard.workers.log_to_supervisor"
-SHAREABLE = (TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint, AdoptedStreamServerEndpoint)
+SHAREABLE = ("tcp", "tcp6", "unix", "systemd")  # endpoint types whose sockets workers can adopt
 
 
 @attrs.frozen
@@ -86,10 +87,11 @@ class WorkerCommand:
 class SharedSocket:
     """A listening socket the supervisor opened for its workers and never accepts on."""
 
-    def __init__(self, sock: socket.socket, path: str | None = None) -> None:
+    def __init__(self, sock: socket.socket, path: str | None = None, lock: FilesystemLock | None = None) -> None:
         sock.setblocking(False)  # what adoptStreamPort requires of it
         self._socket = sock
         self._path = path
+        self._lock = lock
 
     def fileno(self) -> int:
         return self._socket.fileno()
@@ -98,6 +100,8 @@ class SharedSocket:
         self._socket.close()
         if self._path is not None and os.path.exists(self._path):
             os.unlink(self._path)
+        if self._lock is not None:
+            self._lock.unlock()
 
 
 class _SocketOpener:
@@ -114,13 +118,18 @@ class _SocketOpener:
     def listenUNIX(
         self, address: str, factory: Any, backlog: int = 50, mode: int = 0o666, wantPID: bool = False
     ) -> SharedSocket:
-        if wantPID:
-            raise ValueError("lockfile=1 is not supported with workers")
+        lock = None
+        if wantPID:  # as Twisted's unix ports do: a stale socket of a dead process is removed
+            lock = FilesystemLock(address + ".lock")
+            if not lock.lock():
+                raise CannotListenError(None, address, "Cannot acquire lock")
+            if not lock.clean and os.path.exists(address):
+                os.unlink(address)
         sock = socket.socket(socket.AF_UNIX)
         sock.bind(address)
         os.chmod(address, mode)
         sock.listen(backlog)
-        return SharedSocket(sock, address)
+        return SharedSocket(sock, address, lock)
 
     def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> SharedSocket:
         # The endpoint closes its descriptor (systemd's) once adopted.
@@ -142,15 +151,15 @@ def open_sockets(config: Config) -> list[SharedSocket]:
 
 
 def _open(opener: _SocketOpener, config: Config, listener: Listener) -> SharedSocket:
-    try:
-        endpoint = serverFromString(opener, listener.endpoint)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
-    if not isinstance(endpoint, SHAREABLE):
+    if listener.endpoint.partition(":")[0].lower() not in SHAREABLE:
         raise ConfigError(
             f"{config.source}: server.workers: {listener.endpoint!r} cannot be shared by workers:"
             " use tcp:, tcp6:, unix: or systemd: endpoints (STARTTLS rather than ssl:)"
         )
+    try:
+        endpoint = serverFromString(opener, listener.endpoint)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
     results: list[Any] = []
     endpoint.listen(None).addBoth(results.append)  # type: ignore[no-untyped-call]  # at once, with these
     [result] = results
