@@ -221,7 +221,9 @@ class Drain(service.Service):
         deadline = self._reactor.seconds() + self._timeout
 
         def settled() -> bool:
-            return not any(factory.busy for factory in self._factories) or self._reactor.seconds() >= deadline
+            # Every session closes once it has its outcome; until its connection is
+            # gone, that outcome may still sit in the connection's write buffer.
+            return not any(factory.sessions for factory in self._factories) or self._reactor.seconds() >= deadline
 
         drained = _poll(self._reactor, settled, 0.05)
         release = self._release

@@ -181,6 +181,7 @@ class WorkerProtocol(ProcessProtocol):
         self._ended = ended
         self._publish = publish
         self._pending: dict[int, bytes] = {}
+        self.ready = False  # listening, its SIGHUP handler in place
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         *lines, self._pending[childFD] = (self._pending.get(childFD, b"") + data).split(b"\n")
@@ -204,6 +205,7 @@ class WorkerProtocol(ProcessProtocol):
         system = event.get("log_system") or f"{namespace}#{getattr(level, 'name', '-')}"
         event["log_system"] = f"worker {self.number} {system}"
         event["smtpguard_worker"] = self.number
+        self.ready = self.ready or event.get("smtpguard_worker_ready") is True
         self._publish(event)
 
     def processEnded(self, reason: Failure) -> None:
@@ -327,12 +329,14 @@ class Supervisor(service.Service):
         self._restarts[number] = self._reactor.callLater(delay, self._start, number)
 
     def reload(self) -> None:
-        """Pass SIGHUP on to every worker."""
-        log.info("SIGHUP: passing it on to {count} worker(s)", count=len(self._workers))
-        self._signal("HUP")
+        """Pass SIGHUP on to every worker that is ready; one still starting reads
+        the configuration anyway, and SIGHUP would kill it before its handler is set."""
+        ready = [worker for worker in self._workers.values() if worker.protocol.ready]
+        log.info("SIGHUP: passing it on to {count} worker(s)", count=len(ready))
+        self._signal("HUP", ready)
 
-    def _signal(self, name: str) -> None:
-        for worker in self._workers.values():
+    def _signal(self, name: str, workers: Sequence[_Worker] | None = None) -> None:
+        for worker in list(self._workers.values()) if workers is None else workers:
             try:
                 worker.process.signalProcess(name)
             except ProcessExitedAlready:
@@ -502,6 +506,11 @@ class WorkerRole(service.Service):
         hang_up_on(self._reactor, self.hang_up)
         os.set_blocking(0, False)
         self._reactor.addReader(self._watch)
+        self.say_ready()
+
+    def say_ready(self) -> None:
+        """Tell the supervisor (in the log it reads) that SIGHUP is safe now."""
+        log.info("worker {number} ready", number=self.number, smtpguard_worker_ready=True)
 
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]

@@ -253,11 +253,23 @@ def test_a_worker_that_cannot_be_started_is_tried_again() -> None:
     assert len(reactor.spawned) == 1
 
 
-def test_reload_passes_sighup_to_every_worker() -> None:
-    """reload() sends SIGHUP to each running worker."""
+def ready_line(number: int) -> bytes:
+    """What WorkerRole logs, as the worker's log observer writes it, once it listens."""
+    with capturedLogs() as events:
+        WorkerRole(MemoryReactorClock(), number, service.MultiService()).say_ready()
+    return ("\x1e" + eventAsJSON(events[0]) + "\n").encode()
+
+
+def test_reload_passes_sighup_to_every_worker_that_is_ready() -> None:
+    """reload() sends SIGHUP to each worker that said it is ready, and not to one
+    still starting (SIGHUP would kill it before its handler is in place)."""
     reactor, supervisor, _ = running()
+    reactor.process(1).protocol.childDataReceived(1, ready_line(1))
     supervisor.reload()
-    assert [reactor.process(number).signals for number in (1, 2)] == [[1], [1]]
+    assert [reactor.process(number).signals for number in (1, 2)] == [[1], []]
+    reactor.process(2).protocol.childDataReceived(1, ready_line(2))
+    supervisor.reload()
+    assert [reactor.process(number).signals for number in (1, 2)] == [[1, 1], [1]]
 
 
 def test_stop_closes_the_sockets_and_waits_for_every_worker_after_sigterm() -> None:
