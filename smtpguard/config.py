@@ -50,6 +50,7 @@ class Config:
     max_message_size_set: bool = False  # whether [server] gives max_message_size (else: the default)
     logging: LogSettings = LogSettings()
     metrics_listen: str | None = None  # [metrics] listen: where /metrics, /healthz and /readyz are served
+    workers: int = 1  # processes sharing the listening sockets (smtpguard.workers)
 
     def policy_for(self, listener: Listener) -> Mapping[str, Any]:
         """The ``[policy]`` table as ``listener`` has it: its own keys over the others."""
@@ -107,6 +108,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         require_tls=server.get("require_tls", bool, False),
         access=_access(server, AccessRules()),
     )
+    workers = server.positive("workers", int, 1)
     proxy = _proxy(server, False, ())
     certificate = server.get("tls_certificate", str, None)  # type: ignore[arg-type]
     key = server.get("tls_key", str, None)  # type: ignore[arg-type]
@@ -187,6 +189,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
         max_message_size_set="max_message_size" in server.data,
         logging=logging,
         metrics_listen=metrics_listen or None,
+        workers=workers,
     )
 
 

@@ -7,6 +7,7 @@ reactor and add the returned service to your application.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -61,12 +62,21 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file."],
         ["upstream", "u", None, "Next hop as a client endpoint, e.g. tcp:127.0.0.1:10026."],
         ["hostname", None, None, "Our name in the greeting, EHLO and Received: headers."],
+        ["workers", None, None, "Worker processes sharing the listening sockets ([server] workers).", int],
+        ["worker-number", None, None, "Set by the supervisor in the workers it starts.", int],
     ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
         self["scanners"] = []
+        self["adopt"] = []
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Kept for the workers, which the supervisor starts with the same options.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)  # type: ignore[no-untyped-call]
 
     def opt_listen(self, endpoint: str) -> None:
         """Listen on a server endpoint, e.g. tcp:10025:interface=127.0.0.1 (repeatable)."""
@@ -75,6 +85,10 @@ class Options(usage.Options):
     def opt_scanner(self, spec: str) -> None:
         """Scan with: builtin, clamd:ENDPOINT, icap://HOST:PORT/SERVICE or a plugin's name (repeatable)."""
         self["scanners"].append(scanner_table(spec))
+
+    def opt_adopt(self, fd: str) -> None:
+        """Set by the supervisor: listen on this inherited socket (repeatable, one per listener)."""
+        self["adopt"].append(int(fd))
 
     opt_l = opt_listen
     opt_s = opt_scanner
@@ -94,6 +108,8 @@ class Options(usage.Options):
             server["listen"] = self["listen"]
         if self["hostname"]:
             server["hostname"] = self["hostname"]
+        if self["workers"] is not None:
+            server["workers"] = self["workers"]
         if self["upstream"]:
             data.setdefault("upstream", {})["endpoint"] = self["upstream"]
         if self["scanners"]:
@@ -228,7 +244,9 @@ class Drain(service.Service):
         deadline = self._reactor.seconds() + self._timeout
 
         def settled() -> bool:
-            return not any(factory.busy for factory in self._factories) or self._reactor.seconds() >= deadline
+            # Every session closes once it has its outcome; until its connection is
+            # gone, that outcome may still sit in the connection's write buffer.
+            return not any(factory.sessions for factory in self._factories) or self._reactor.seconds() >= deadline
 
         drained = _poll(self._reactor, settled, 0.05)
         release = self._release
@@ -246,6 +264,28 @@ def _poll(reactor: Any, done: Any, interval: float) -> Deferred[None]:
 
     check()
     return waiting
+
+
+Listen = Callable[[Listener, Any], service.IService]
+"""How one listener's factory is listened on: a service that listens while it runs."""
+
+
+def listen_on_endpoint(config: Config, reactor: Any) -> Listen:
+    """Listening on each listener's endpoint string, as a single process does."""
+
+    def listen(listener: Listener, factory: Any) -> service.IService:
+        try:
+            endpoint = serverFromString(reactor, listener.endpoint)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
+        except (IndexError, KeyError):  # the systemd: parser looks the socket up at once
+            raise ConfigError(
+                f"cannot listen on {listener.endpoint}: systemd passed no such socket"
+                " (start smtpguard through its .socket unit)"
+            ) from None
+        return Listening(listener.endpoint, endpoint, factory)
+
+    return listen
 
 
 @attrs.frozen
@@ -272,8 +312,10 @@ class GuardService(service.MultiService):
         reactor: Any,
         load: Callable[[], Config] | None = None,
         metrics: Metrics | None = None,
+        listen: Listen | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        listen = listen or listen_on_endpoint(config, reactor)
         self._reactor = reactor
         self._load = load
         if metrics is None and config.metrics_listen is not None:
@@ -319,16 +361,7 @@ class GuardService(service.MultiService):
             factory: Any = guard
             if listener.proxy_protocol:
                 factory = ProxyProtocolFactory(guard, listener.trusted_proxies, reactor, report=guard.report)
-            try:
-                endpoint = serverFromString(reactor, listener.endpoint)
-            except (ValueError, TypeError) as error:
-                raise ConfigError(f"{config.source}: bad endpoint {listener.endpoint!r}: {error}") from None
-            except (IndexError, KeyError):  # the systemd: parser looks the socket up at once
-                raise ConfigError(
-                    f"cannot listen on {listener.endpoint}: systemd passed no such socket"
-                    " (start smtpguard through its .socket unit)"
-                ) from None
-            Listening(listener.endpoint, endpoint, factory).setServiceParent(self)  # type: ignore[no-untyped-call]
+            listen(listener, factory).setServiceParent(self)  # type: ignore[attr-defined]
         self.generation = Generation(1, reactor.seconds())
         self._watch()
 
@@ -438,19 +471,28 @@ class GuardService(service.MultiService):
 
 
 def build_service(
-    config: Config, reactor: Any, load: Callable[[], Config] | None = None, metrics: Metrics | None = None
+    config: Config,
+    reactor: Any,
+    load: Callable[[], Config] | None = None,
+    metrics: Metrics | None = None,
+    listen: Listen | None = None,
 ) -> GuardService:
-    """A service listening on every configured endpoint, and serving ``/metrics``
-    on ``[metrics] listen`` when set (``metrics``, if given, is counted in
-    whether or not it is served); ``load`` reads the configuration again for
+    """A service listening on every configured endpoint (or as ``listen`` has it:
+    a worker adopts its supervisor's sockets), and serving ``/metrics`` on
+    ``[metrics] listen`` when set (``metrics``, if given, is counted in whether
+    or not it is served); ``load`` reads the configuration again for
     :meth:`GuardService.reload`."""
-    return GuardService(config, reactor, load, metrics)
+    return GuardService(config, reactor, load, metrics, listen)
 
 
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     try:
+        if options["worker-number"] is not None or options["loaded"].workers > 1:
+            from smtpguard import workers
+
+            return workers.make_service(options, reactor)
         top = build_service(options["loaded"], reactor, options.load)
     except ConfigError as error:
         raise SystemExit(f"smtpguard: {error}") from None

@@ -56,7 +56,9 @@ def test_new_connection_while_draining_is_refused():
 
 
 def test_drain_service_waits_for_pending_outcomes():
-    """Stopping the Drain service fires only once no session is busy (or at its timeout)."""
+    """Stopping the Drain service fires only once every session has had its
+    outcome and its connection is gone (or at its timeout): until then the
+    outcome may still be in the connection's write buffer."""
     session = waiting_for_the_next_hop()
     clock: Clock = session.clock
     drain = Drain(clock, [session.factory], timeout=30.0)
@@ -65,6 +67,9 @@ def test_drain_service_waits_for_pending_outcomes():
     clock.advance(1.0)
     assert not stopped.called
     session.hop.release()
+    clock.advance(0.1)
+    assert session.closed and not stopped.called
+    session.lose()
     clock.advance(0.1)
     assert stopped.called
 
@@ -101,6 +106,7 @@ def test_drain_service_releases_what_was_shared_once_the_sessions_are_done():
     clock.advance(1.0)
     assert calls == []
     session.hop.release()
+    session.lose()
     clock.advance(0.1)
     assert calls == [None] and stopped == []
     releasing.callback(None)

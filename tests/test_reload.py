@@ -135,7 +135,8 @@ def test_raised_per_client_limit_applies_to_the_next_connection() -> None:
 
 def test_drain_waits_for_sessions_of_both_setups() -> None:
     """Stopping after a reload: a busy session of the old setup and one of the new
-    both get their outcome, then 421 4.3.2, and the Drain service stops after both."""
+    both get their outcome, then 421 4.3.2, and the Drain service stops once both
+    connections are gone."""
     old = ready()
     old.begin()
     old.factory.reconfigure(setup_for(old, OnVirus.REJECT))
@@ -152,6 +153,11 @@ def test_drain_waits_for_sessions_of_both_setups() -> None:
     old.clock.advance(0.1)
     assert old.replies() == [QUEUED, replies.SHUTTING_DOWN.to_bytes()]
     assert new.replies() == [QUEUED, replies.SHUTTING_DOWN.to_bytes()]
+    old.lose()
+    old.clock.advance(0.1)
+    assert not stopped.called  # the new setup's connection is not gone yet
+    new.lose()
+    old.clock.advance(0.1)
     assert stopped.called
 
 

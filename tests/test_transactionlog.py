@@ -316,7 +316,7 @@ def test_text_is_the_postfix_like_line_with_tls_relay_and_queue_id() -> None:
     assert formatEvent(logged(transaction())) == (
         f"{TID}: client=[192.0.2.1]:40000 tls=TLSv1.3:TLS_AES_256_GCM_SHA384 from=<alice@example.org> rcpts=2"
         " size=1234 status=clean action=deliver reply=(250 2.0.0 Ok: queued as 4XkQ2T1LzCz9rxN)"
-        " relay=(250 2.0.0 Ok: queued as 4XkQ2T1LzCz9rxN) queued_as=4XkQ2T1LzCz9rxN delays=0.500/0.250/0.125"
+        " relay=(250 2.0.0 Ok: queued as 4XkQ2T1LzCz9rxN) queued_as=4XkQ2T1LzCz9rxN delays=0.5/0.25/0.125"
     )
 
 
@@ -335,7 +335,7 @@ def test_text_of_a_forwarded_refused_message_names_the_hop_and_no_relay() -> Non
     assert formatEvent(logged(record)) == (
         f"{TID}: client=a.example[198.51.100.7] via=XFORWARD[127.0.0.1]:5000 ident=QID1 login='u\\nx'"
         " from=<alice@example.org> rcpts=1 size=1234 status=clean action=reject"
-        " reply=(554 5.7.1 Virus found / second line) delays=0.000/0.000/0.000"
+        " reply=(554 5.7.1 Virus found / second line) delays=0.0/0.0/0.0"
     )
 
 
