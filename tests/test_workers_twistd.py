@@ -84,7 +84,7 @@ def only(pids: dict[int, int], number: int) -> Iterator[None]:
 
 def relayed(text: str, number: int) -> int:
     return len(
-        re.findall(rf"\[worker {number} smtpguard\.transaction#info\] .* status=clean action=deliver reply=\(250 ", text)
+        re.findall(rf"\[worker {number} smtpguard\.transaction#info\] .* action=deliver reply=\(250 ", text)
     )
 
 
