@@ -794,13 +794,18 @@ def test_clamd_speaking_on_an_idle_session_ends_it() -> None:
 
 
 def test_close_ends_the_kept_sessions() -> None:
-    """``close()`` ends every kept connection with ``zEND\\0``."""
+    """``close()`` ends every kept connection with ``zEND\\0``, and fires once
+    they are gone."""
     endpoint = FakeEndpoint()
     clamd, clock = sessions(endpoint)
     assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
-    assert clamd.close().called
-    assert endpoint.last[1].value().endswith(b"zEND\0") and endpoint.last[1].disconnecting
+    closed = clamd.close()
+    protocol, transport = endpoint.last
+    assert transport.value().endswith(b"zEND\0") and transport.disconnecting
     assert clock.getDelayedCalls() == []
+    assert not closed.called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert closed.called
 
 
 # -- 3. the plugin and its configuration ------------------------------------------------

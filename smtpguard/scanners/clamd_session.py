@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -107,6 +107,7 @@ class SessionProtocol(Sender):
         self.connected_ = False
         # Told when the connection is gone (by the pool that keeps it idle).
         self.when_lost: Callable[[SessionProtocol], None] | None = None
+        self.gone: Deferred[None] = Deferred()
 
     @property
     def idle(self) -> bool:
@@ -173,6 +174,8 @@ class SessionProtocol(Sender):
         self._finish(Received(reply=_without_ids(bytes(self._reply), self.requests)))
         if self.when_lost is not None:
             self.when_lost(self)
+        if not self.gone.called:
+            self.gone.callback(None)
 
     def _finish(self, received: Received) -> None:
         done, self._done = self._done, None
@@ -235,11 +238,12 @@ class KeptSessions:
         self._kept = [(kept, expiry) for kept, expiry in self._kept if kept is not protocol]
         protocol.end()
 
-    def close(self) -> None:
-        """End every kept connection."""
+    def close(self) -> Deferred[None]:
+        """End every kept connection; fires once they are all gone."""
         kept, self._kept = self._kept, []
         for protocol, expiry in kept:
             if expiry.active():
                 expiry.cancel()
             protocol.end()
+        return gatherResults([protocol.gone for protocol, _ in kept]).addCallback(lambda _: None)
 
