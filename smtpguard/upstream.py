@@ -543,9 +543,11 @@ class KeptConnections:
 
 
 def _with_prefix(prefix: bytes, message: Message) -> Iterator[bytes]:
-    if prefix:
-        yield prefix
-    yield from message.chunks()
+    """The message after ``prefix`` (its new header fields), joined to its first
+    chunk: a write and a reactor turn less for each message."""
+    chunks = message.chunks()
+    yield prefix + next(chunks, b"")
+    yield from chunks
 
 
 def _reusable(protocol: SMTPClientProtocol) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _TERMINATOR = b"\r\n.\r\n"
+_DOT_LINE = b"\r\n."
 # A partial line is held back at most this long before it is passed on.
 _HOLD_LIMIT = 64 * 1024
 
@@ -68,9 +69,14 @@ class DataReader:
         buffer = self._pending + data if self._pending else data
         if self._at_line_start and buffer.startswith(b".\r\n"):
             return self._finish(b"", buffer[3:])
-        end = buffer.find(_TERMINATOR)
-        if end >= 0:
-            return self._finish(buffer[: end + 2], buffer[end + len(_TERMINATOR) :])
+        # One pass finds the first line that starts with a dot, if any: the end
+        # of data can only be there or further on, and before it there is no dot
+        # to take off (searching bytes is most of what receiving a message costs).
+        dot = buffer.find(_DOT_LINE)
+        if dot >= 0:
+            end = buffer.find(_TERMINATOR, dot)
+            if end >= 0:
+                return self._finish(buffer[: end + 2], buffer[end + len(_TERMINATOR) :])
         last_line_end = buffer.rfind(b"\r\n")
         cut = last_line_end + 2 if last_line_end >= 0 else 0
         if len(buffer) - cut > _HOLD_LIMIT:
@@ -78,7 +84,7 @@ class DataReader:
             # still begin a CRLF or a terminator.
             cut = len(buffer) - 4
         if cut:
-            self._emit(buffer[:cut])
+            self._emit(buffer[:cut], stuffed=0 <= dot < cut)
         self._pending = buffer[cut:]
         return None
 
@@ -89,11 +95,15 @@ class DataReader:
         self.done = True
         return rest
 
-    def _emit(self, data: bytes) -> None:
+    def _emit(self, data: bytes, stuffed: bool = True) -> None:
+        """Pass ``data`` on without its stuffed dots; ``stuffed`` False: it has no
+        CRLF "." in it."""
         at_line_start, self._at_line_start = self._at_line_start, data.endswith(b"\r\n")
         if at_line_start and data.startswith(b"."):
             data = data[1:]
-        self._sink(normalise_line_endings(data.replace(b"\r\n.", b"\r\n")))
+        if stuffed:
+            data = data.replace(b"\r\n.", b"\r\n")
+        self._sink(normalise_line_endings(data))
 
 
 def _stuff(chunk: bytes, at_line_start: bool) -> bytes:

@@ -240,6 +240,9 @@ class FakeEndpoint:
 
 
 def scanner(*endpoints: FakeEndpoint, clock: Clock | None = None, **settings: Any) -> tuple[ClamdScanner, Clock]:
+    """A scanner with a connection per scan (``keep_connections = 0``), unless the
+    test keeps IDSESSION connections (section 3)."""
+    settings.setdefault("keep_connections", 0)
     clock = clock or Clock()
     named = [(f"fake:{index}", endpoint) for index, endpoint in enumerate(endpoints)]
     return ClamdScanner(clock, named, ClamdSettings(**settings)), clock
@@ -564,6 +567,247 @@ def test_scanner_provides_iscanner() -> None:
     assert clamd.name == "clamd"
 
 
+# -- 2b. IDSESSION: one connection for many scans ----------------------------------------
+
+
+def sessions(*endpoints: FakeEndpoint, **settings: Any) -> tuple[ClamdScanner, Clock]:
+    """A scanner that keeps its IDSESSION connections (two by default)."""
+    settings.setdefault("keep_connections", 2)
+    return scanner(*endpoints, **settings)
+
+
+def scanned_in_session(endpoint: FakeEndpoint, clamd: ClamdScanner, request: int) -> ScanResult:
+    """One clean message scanned over ``endpoint``'s last connection, answered as
+    clamd answers request number ``request`` of its session."""
+    scanning = clamd.scan(message(CLEAN), ENVELOPE)
+    endpoint.drain()
+    protocol, _ = endpoint.last
+    protocol.dataReceived(b"%d: stream: OK\0" % request)
+    return result_of(scanning)
+
+
+def test_session_starts_with_idsession_and_frames_each_scan_as_instream() -> None:
+    """A new connection says ``zIDSESSION\\0``, then ``zINSTREAM\\0`` and the chunks
+    as without a session, all in one write for a small message."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint)
+    clamd.scan(message(b"0123456789"), ENVELOPE)
+    endpoint.drain()
+    assert endpoint.last[1].value() == b"zIDSESSION\0zINSTREAM\0" + framed(b"0123456789")
+
+
+def test_clean_scans_share_one_connection() -> None:
+    """Three clean scans in turn: one connection, one ``zINSTREAM`` after another on
+    it, each answer ``N: stream: OK`` clean; the connection stays open."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint)
+    results = [scanned_in_session(endpoint, clamd, request) for request in (1, 2, 3)]
+    assert results == [CLEAN_RESULT] * 3
+    _, transport = endpoint.last
+    instream = b"zINSTREAM\0" + framed(CLEAN)
+    assert transport.value() == b"zIDSESSION\0" + instream * 3
+    assert not transport.disconnecting
+    assert (endpoint.attempts, clamd.endpoints[0].connections, clamd.endpoints[0].scans) == (1, 1, 3)
+
+
+def test_found_ends_the_session_and_every_line_counts() -> None:
+    """A FOUND answer ends the session (``zEND\\0``); every line clamd sends until
+    it closes is read, without its request number; the next scan connects anew."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint)
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    scanning = clamd.scan(message(CLEAN), ENVELOPE)
+    endpoint.drain()
+    protocol, transport = endpoint.last
+    protocol.dataReceived(b"2: stream: A.One FOUND\0")
+    assert transport.value().endswith(b"zEND\0")
+    assert not scanning.called
+    protocol.dataReceived(b"2: stream: B.Two FOUND\0")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert result_of(scanning) == infected("A.One", "B.Two")
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    assert endpoint.attempts == 2
+
+
+def test_answer_with_another_request_number_is_never_clean() -> None:
+    """``2: stream: OK`` for request 1 is not an answer to it: an ``other`` error."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint)
+    scanning = clamd.scan(message(CLEAN), ENVELOPE)
+    endpoint.drain()
+    endpoint.answer(b"2: stream: OK\0")
+    assert result_of(scanning) == failed(ErrorKind.OTHER, "unexpected reply from clamd: '2: stream: OK'")
+
+
+def test_kept_session_closed_unanswered_is_scanned_again_on_a_new_connection() -> None:
+    """clamd ends a kept session as the next message goes out (closed, nothing
+    said): the message is sent once more, on a new connection, and its answer
+    counts; the endpoint stays up."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint)
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    scanning = clamd.scan(message(CLEAN + EICAR), ENVELOPE)
+    endpoint.drain()
+    endpoint.last[0].connectionLost(Failure(ConnectionDone()))
+    assert endpoint.attempts == 2
+    endpoint.drain()
+    assert endpoint.last[1].value() == b"zIDSESSION\0zINSTREAM\0" + framed(CLEAN + EICAR)
+    endpoint.answer(b"1: stream: Eicar-Signature FOUND\0")
+    assert result_of(scanning) == infected("Eicar-Signature")
+    assert clamd.endpoints[0].up
+    assert clamd.endpoints[0].scans == 2
+
+
+def test_new_session_closed_unanswered_is_an_error_and_not_tried_again() -> None:
+    """The new connection of that second try closes unanswered too: an ``other``
+    error, the endpoint marked down, and no third try."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint)
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    scanning = clamd.scan(message(CLEAN), ENVELOPE)
+    endpoint.drain()
+    endpoint.last[0].connectionLost(Failure(ConnectionDone()))
+    endpoint.drain()
+    endpoint.answer(b"")
+    assert result_of(scanning) == failed(ErrorKind.OTHER, "clamd closed the connection without a reply")
+    assert endpoint.attempts == 2
+    assert not clamd.endpoints[0].up
+
+
+def test_second_try_that_cannot_connect_is_an_error_not_a_failover() -> None:
+    """A message sent once and left unanswered goes nowhere else: when the new
+    connection cannot be made, the scan is an ``other`` error, and the second
+    endpoint never sees the message."""
+    endpoint, other = FakeEndpoint(), FakeEndpoint()
+    clamd, _ = sessions(endpoint, other)
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    assert scanned_in_session(other, clamd, 1) == CLEAN_RESULT
+    scanning = clamd.scan(message(CLEAN), ENVELOPE)
+    endpoint.drain()
+    endpoint.mode = "refuse"
+    endpoint.last[0].connectionLost(Failure(ConnectionDone()))
+    assert result_of(scanning) == failed(ErrorKind.OTHER, "clamd closed the connection without a reply")
+    assert other.attempts == 1 and other.last[1].value() == b"zIDSESSION\0zINSTREAM\0" + framed(CLEAN)
+
+
+def test_kept_session_closed_while_idle_is_not_used() -> None:
+    """A kept connection that clamd closes while idle is forgotten: the next scan
+    connects anew and the old transport gets nothing more."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint)
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    protocol, transport = endpoint.last
+    written = transport.value()
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert len(clamd.endpoints[0].kept or ()) == 0
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    assert endpoint.attempts == 2 and transport.value() == written
+
+
+def test_kept_session_is_ended_after_keep_time() -> None:
+    """A connection idle for ``keep_time`` seconds is ended with ``zEND\\0`` and
+    closed; not a moment before."""
+    endpoint = FakeEndpoint()
+    clamd, clock = sessions(endpoint, keep_time=10)
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    _, transport = endpoint.last
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.value().endswith(b"zEND\0") and transport.disconnecting
+    assert clock.getDelayedCalls() == []
+
+
+def test_at_most_keep_connections_are_kept() -> None:
+    """Two scans at once take two connections; with ``keep_connections = 1`` the
+    one answered last is ended, the other kept."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint, keep_connections=1)
+    first = clamd.scan(message(CLEAN), ENVELOPE)
+    second = clamd.scan(message(CLEAN), ENVELOPE)
+    (one, one_transport), (two, two_transport) = endpoint.connections
+    for _, transport in endpoint.connections:
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+    one.dataReceived(b"1: stream: OK\0")
+    two.dataReceived(b"1: stream: OK\0")
+    assert result_of(first) == result_of(second) == CLEAN_RESULT
+    assert not one_transport.disconnecting
+    assert two_transport.value().endswith(b"zEND\0") and two_transport.disconnecting
+
+
+def test_stalled_session_is_a_timeout_and_its_connection_aborted() -> None:
+    """No answer on a kept connection: ``timeout`` at the deadline, the connection
+    aborted (never kept) and the endpoint marked down."""
+    endpoint = FakeEndpoint()
+    clamd, clock = sessions(endpoint, timeout=60)
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    scanning = clamd.scan(message(CLEAN), ENVELOPE)
+    endpoint.drain()
+    clock.advance(60)
+    assert result_of(scanning) == failed(ErrorKind.TIMEOUT, "no verdict within 60 s")
+    assert endpoint.last[1].disconnected
+    assert len(clamd.endpoints[0].kept or ()) == 0
+    assert not clamd.endpoints[0].up
+
+
+def test_session_answer_while_sending_stops_the_stream() -> None:
+    """clamd's size limit hit mid-stream: no further chunk is written (clamd closes
+    the session), and the answer is the result."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint, chunk_size=4)
+    scanning = clamd.scan(message(b"0123456789"), ENVELOPE)
+    protocol, transport = endpoint.last
+    producer = transport.producer
+    producer.resumeProducing()
+    protocol.dataReceived(b"1: INSTREAM size limit exceeded. ERROR\0")
+    producer.resumeProducing()
+    assert transport.value() == b"zIDSESSION\0zINSTREAM\0\0\0\0\x040123"
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert result_of(scanning) == failed(ErrorKind.CONTENT_SIZE, "INSTREAM size limit exceeded.")
+
+
+def test_session_overlong_answer_is_an_error_and_aborts() -> None:
+    """More than 64 KiB without an answer's end: ``other``, connection aborted."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint)
+    scanning = clamd.scan(message(CLEAN), ENVELOPE)
+    endpoint.drain()
+    protocol, transport = endpoint.last
+    protocol.dataReceived(b"x" * (wire.MAX_REPLY + 1))
+    assert result_of(scanning) == failed(ErrorKind.OTHER, f"reply longer than {wire.MAX_REPLY} bytes")
+    assert transport.disconnected
+    assert len(clamd.endpoints[0].kept or ()) == 0
+
+
+def test_clamd_speaking_on_an_idle_session_ends_it() -> None:
+    """Bytes from clamd on a kept connection with no scan under way are not clamd's
+    protocol: the connection is aborted and not used again."""
+    endpoint = FakeEndpoint()
+    clamd, _ = sessions(endpoint)
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    protocol, transport = endpoint.last
+    protocol.dataReceived(b"1: stream: OK\0")
+    assert transport.disconnected
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    assert endpoint.attempts == 2
+
+
+def test_close_ends_the_kept_sessions() -> None:
+    """``close()`` ends every kept connection with ``zEND\\0``, and fires once
+    they are gone."""
+    endpoint = FakeEndpoint()
+    clamd, clock = sessions(endpoint)
+    assert scanned_in_session(endpoint, clamd, 1) == CLEAN_RESULT
+    closed = clamd.close()
+    protocol, transport = endpoint.last
+    assert transport.value().endswith(b"zEND\0") and transport.disconnecting
+    assert clock.getDelayedCalls() == []
+    assert not closed.called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert closed.called
+
+
 # -- 3. the plugin and its configuration ------------------------------------------------
 
 
@@ -600,10 +844,24 @@ def test_endpoints_list_and_settings() -> None:
     assert built._settings == ClamdSettings(5.0, 100 * 1024 * 1024, 2.5)
 
 
+def test_kept_connections_are_configured() -> None:
+    """``keep_connections`` and ``keep_time`` set the IDSESSION connections kept per
+    endpoint (10 for 10 s by default); 0 gives every scan a connection of its own."""
+    assert (ClamdSettings().keep_connections, ClamdSettings().keep_time) == (10, 10.0)
+    built = clamd_plugin.build({"keep_connections": 3, "keep_time": 2.5}, Clock())
+    assert (built._settings.keep_connections, built._settings.keep_time) == (3, 2.5)
+    assert all(state.kept is not None for state in built.endpoints)
+    alone = clamd_plugin.build({"keep_connections": 0}, Clock())
+    assert [state.kept for state in alone.endpoints] == [None]
+
+
 @pytest.mark.parametrize(
     ("config", "error"),
     [
         ({"endpoint": "unix:/a", "endpoints": ["unix:/b"]}, "endpoints: give either endpoint or endpoints, not both"),
+        ({"keep_connections": -1}, "keep_connections: must be 0 or more, got -1"),
+        ({"keep_connections": "2"}, "keep_connections: expected an integer"),
+        ({"keep_time": 0}, "keep_time: must be greater than 0, got 0.0"),
         ({"endpoints": []}, "endpoints: at least one endpoint is needed"),
         ({"endpoints": ["unix:/a", "unix:/a"]}, "endpoints: an endpoint is listed twice"),
         ({"endpoints": [3310]}, "endpoints: expected a list of strings, got [3310]"),
@@ -796,6 +1054,64 @@ async def test_real_failover_from_a_dead_endpoint(clamd: Clamd, built: list[Clam
     result = await scanner.scan(message(CLEAN + EICAR), ENVELOPE)
     assert result == infected(CLAMD_EICAR)
     assert [(state.up, state.scans) for state in scanner.endpoints] == [(False, 0), (True, 1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_scans_share_one_idsession_connection(clamd: Clamd, built: list[ClamdScanner]) -> None:
+    """Five clean scans in turn go over one IDSESSION connection; an infected one
+    ends that session, and the next scan opens a second connection."""
+    scanner = real(built, endpoint=clamd.unix_endpoint)
+    for _ in range(5):
+        assert await scanner.scan(message(mail()), ENVELOPE) == CLEAN_RESULT
+    assert (scanner.endpoints[0].connections, scanner.endpoints[0].scans) == (1, 5)
+    assert await scanner.scan(message(CLEAN + EICAR), ENVELOPE) == infected(CLAMD_EICAR)
+    assert await scanner.scan(message(mail()), ENVELOPE) == CLEAN_RESULT
+    assert scanner.endpoints[0].connections == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_restarted_clamd_session_is_tried_again_on_a_new_connection(
+    tmp_path: Path, built: list[ClamdScanner]
+) -> None:
+    """clamd restarted while a session connection is kept, and the next message
+    sent on it before the close is seen (clamd is restarted without the reactor
+    running): the message goes once more on a new connection, and is scanned."""
+    engine = Clamd(tmp_path)
+    engine.start()
+    try:
+        scanner = real(built, endpoint=engine.unix_endpoint)
+        assert await scanner.scan(message(mail()), ENVELOPE) == CLEAN_RESULT
+        engine.stop()
+        engine.start()
+        assert len(scanner.endpoints[0].kept or ()) == 1  # its close not seen yet
+        assert await scanner.scan(message(CLEAN + EICAR), ENVELOPE) == infected(CLAMD_EICAR)
+        assert (scanner.endpoints[0].connections, scanner.endpoints[0].up) == (2, True)
+    finally:
+        engine.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_session_closed_by_clamd_while_idle_is_not_used(tmp_path: Path, built: list[ClamdScanner]) -> None:
+    """clamd stopped while a session connection is kept: the connection is
+    forgotten as soon as it closes, and the scan after clamd's restart connects
+    anew."""
+    engine = Clamd(tmp_path)
+    engine.start()
+    try:
+        scanner = real(built, endpoint=engine.unix_endpoint)
+        assert await scanner.scan(message(mail()), ENVELOPE) == CLEAN_RESULT
+        assert len(scanner.endpoints[0].kept or ()) == 1
+        await threads.deferToThread(engine.stop)
+        for _ in range(100):
+            if not scanner.endpoints[0].kept:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert len(scanner.endpoints[0].kept or ()) == 0
+        await threads.deferToThread(engine.start)
+        assert await scanner.scan(message(mail()), ENVELOPE) == CLEAN_RESULT
+        assert (scanner.endpoints[0].connections, scanner.endpoints[0].up) == (2, True)
+    finally:
+        engine.stop()
 
 
 def instream_log_lines(engine: Clamd) -> list[str]:

@@ -249,6 +249,23 @@ def test_scan_runs_in_a_daemon_thread_of_its_own() -> None:
     assert {(thread.name, thread.daemon) for thread in message.threads} == {("smtpguard-scan", True)}
 
 
+def test_a_scan_thread_takes_the_next_scan() -> None:
+    """Scans one after another run in one thread: a thread that has finished a scan
+    takes the next, none is started per message."""
+    clock = ThreadedClock()
+    scanner = BuiltinScanner(clock)
+    messages = [ThreadNoting(SMALL) for _ in range(3)]
+    results: list[ScanResult] = []
+    for message in messages:
+        scanner.scan(message, envelope("192.0.2.1")).addCallback(results.append)
+        clock.run_one_from_a_thread()
+    assert results == [ScanResult.clean("builtin")] * 3
+    assert len({thread for message in messages for thread in message.threads}) == 1
+    assert len(scan_threads()) == 1
+    clock.shut_down()
+    assert scan_threads() == []
+
+
 def test_shutdown_stops_a_running_scan_and_waits_for_its_thread() -> None:
     """A scan with seconds of work left when the reactor shuts down: the shutdown
     trigger tells it to stop and returns once its thread has ended; the scan ends

@@ -447,6 +447,19 @@ def test_full_transaction_command_sequence():
     assert result_of(data) == Reply(250, "2.0.0", "Ok: queued as 4AB")
 
 
+def test_new_header_fields_go_out_with_the_message_in_one_write():
+    """The fields the proxy adds, a small message and the final dot leave in one
+    write (one pull of the producer): no separate write, and reactor turn, for the
+    added fields."""
+    relay, hop, _ = started()
+    relay.rcpt(Recipient("b@example.com"))
+    hop.expect(b"RCPT TO:<b@example.com>\r\n", b"250 2.1.5 Ok\r\n")
+    relay.data(message(b"Subject: test\r\n\r\nbody\r\n"), b"Received: from client.example\r\n")
+    hop.expect(b"DATA\r\n", b"354 Go ahead\r\n")
+    hop.transport.producer.resumeProducing()
+    hop.expect(b"Received: from client.example\r\nSubject: test\r\n\r\nbody\r\n.\r\n", None)
+
+
 def test_no_timers_left_after_transaction():
     """Every reply timeout is cancelled once its reply is in."""
     _, _, clock = started()

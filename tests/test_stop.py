@@ -21,6 +21,7 @@ from tests.icap_engine import CIcap
 
 HEALTH_CHECK_INTERVAL = 600.0
 KEEP_TIME = 900.0
+CLAMD_KEEP_TIME = 1200.0
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,9 @@ async def test_stopping_releases_scanners_and_next_hop_connections(
     clamd: Clamd, cicap: CIcap, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     """After one message relayed (a clamd endpoint found dead, so a health check
-    is scheduled; an ICAP connection and a next-hop connection kept idle),
-    stopping the service built by build_service leaves no delayed call, reader
-    or writer that was not there before it started."""
+    is scheduled; a clamd session, an ICAP connection and a next-hop connection
+    kept idle), stopping the service built by build_service leaves no delayed
+    call, reader or writer that was not there before it started."""
     data = {
         "server": {"hostname": "guard.test", "listen": ["tcp:0:interface=127.0.0.1"]},
         "upstream": {"endpoint": smtp_sink.endpoint, "keep_time": KEEP_TIME},
@@ -66,6 +67,7 @@ async def test_stopping_releases_scanners_and_next_hop_connections(
                 "type": "clamd",
                 "endpoints": [f"unix:{tmp_path / 'nobody.sock'}", clamd.unix_endpoint],
                 "health_check_interval": HEALTH_CHECK_INTERVAL,
+                "keep_time": CLAMD_KEEP_TIME,
                 "timeout": 20,
             },
             {"type": "icap", "url": cicap.url, "timeout": 20},
@@ -81,8 +83,8 @@ async def test_stopping_releases_scanners_and_next_hop_connections(
     assert len(listener.factory.next_hop.kept) == 1
     calls, readers, _ = added(before)
     now = reactor.seconds()
-    assert {round(call.getTime() - now, -2) for call in calls} == {HEALTH_CHECK_INTERVAL, KEEP_TIME}
-    assert len(readers) == 3  # the listening port, the idle ICAP and next-hop connections
+    assert {round(call.getTime() - now, -2) for call in calls} == {HEALTH_CHECK_INTERVAL, KEEP_TIME, CLAMD_KEEP_TIME}
+    assert len(readers) == 4  # the listening port, the idle clamd, ICAP and next-hop connections
 
     await service.stopService()
     assert added(before) == (set(), set(), set())

@@ -252,3 +252,35 @@ def test_bytes_after_split_terminator_are_returned_exactly():
     assert reader.feed(b"body\r\n.\r") is None
     assert reader.feed(b"\nQUIT\r\n\n.\r") == b"QUIT\r\n\n.\r"
     assert b"".join(out) == b"body\r\n"
+
+
+class Searched(bytes):
+    """A received block that notes what is searched for in it."""
+
+    def __new__(cls, data: bytes) -> Searched:
+        made = super().__new__(cls, data)
+        made.searches = []
+        return made
+
+    def find(self, sub: bytes, *args: int) -> int:  # type: ignore[override]
+        self.searches.append(sub)
+        return super().find(sub, *args)
+
+
+def test_block_without_a_dot_line_is_searched_once() -> None:
+    """A block with no line that starts with a dot is searched once, for CRLF ".":
+    without one there is neither an end of data nor a dot to take off in it."""
+    block = Searched(b"Subject: x\r\n\r\n" + b"line without a dot\r\n" * 100)
+    out: list[bytes] = []
+    assert DataReader(out.append).feed(block) is None
+    assert block.searches == [b"\r\n."]
+    assert b"".join(out) == bytes(block)
+
+
+def test_end_of_data_is_looked_for_from_the_first_dot_line_on() -> None:
+    """With a line that starts with a dot, the end of data is searched for from there."""
+    block = Searched(b"a\r\n..stuffed\r\nb\r\n.\r\nQUIT\r\n")
+    out: list[bytes] = []
+    assert DataReader(out.append).feed(block) == b"QUIT\r\n"
+    assert block.searches == [b"\r\n.", b"\r\n.\r\n"]
+    assert b"".join(out) == b"a\r\n.stuffed\r\nb\r\n"

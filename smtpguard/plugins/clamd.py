@@ -51,7 +51,11 @@ def _build(config: Mapping[str, Any], reactor: Any) -> ClamdScanner:
         timeout=table.positive("timeout", float, _DEFAULTS.timeout),
         stream_max_length=stream_max_length,
         health_check_interval=table.positive("health_check_interval", float, _DEFAULTS.health_check_interval),
+        keep_connections=table.get("keep_connections", int, _DEFAULTS.keep_connections),
+        keep_time=table.positive("keep_time", float, _DEFAULTS.keep_time),
     )
+    if settings.keep_connections < 0:
+        raise table.error("keep_connections", f"must be 0 or more, got {settings.keep_connections}")
     table.check_unknown()
     return ClamdScanner(reactor, endpoints, settings)
 

@@ -3,14 +3,14 @@ or more client endpoints used in turn, with failover and PING health checks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IDelayedCall, IPullProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,6 +20,7 @@ from smtpguard.envelope import Envelope
 from smtpguard.interfaces import IClosable, IHealthReporting, IScanner
 from smtpguard.results import ErrorKind, ScanResult, SizeLimit
 from smtpguard.scanners import clamd_protocol as wire
+from smtpguard.scanners.clamd_session import Chunks, KeptSessions, Received, Sender, SessionProtocol
 from smtpguard.scanners.deadline import with_deadline
 from smtpguard.scanners.optional import EndpointHealth, Health, oversize
 from smtpguard.spool import Message
@@ -37,6 +38,10 @@ class ClamdSettings:
     stream_max_length: int = wire.DEFAULT_STREAM_MAX_LENGTH
     health_check_interval: float = 10.0
     chunk_size: int = CHUNK_SIZE
+    # Idle IDSESSION connections kept per endpoint (0: a connection per scan), and
+    # for how long.
+    keep_connections: int = 10
+    keep_time: float = 10.0
 
 
 @attrs.define(eq=False)
@@ -53,8 +58,10 @@ class EndpointState:
     refused_at: int | None = None
     scans: int = 0
     failures: int = 0
+    connections: int = 0  # opened for scans
     ping: Deferred[Any] | None = None
     waiting: list[Deferred[None]] = attrs.Factory(list)
+    kept: KeptSessions | None = None
 
 
 class _OneShotFactory(Factory):
@@ -73,57 +80,7 @@ def _connect(endpoint: IStreamClientEndpoint, protocol: Protocol) -> Deferred[An
     return endpoint.connect(_OneShotFactory(protocol))
 
 
-@attrs.frozen
-class Received:
-    """How an INSTREAM conversation ended: what clamd said, or why we gave up."""
-
-    reply: bytes = b""
-    problem: str = ""
-
-
-@implementer(IPullProducer)
-class _Chunks:
-    """Writes the message as INSTREAM chunks, one each time the transport has sent
-    the previous one; the zero-length chunk goes with the last (so a small message
-    leaves in a single write, together with the command)."""
-
-    def __init__(self, protocol: InstreamProtocol, chunks: Iterator[bytes]) -> None:
-        self._protocol = protocol
-        self._chunks: Iterator[bytes] | None = chunks
-        self._ahead: bytes | None = None
-        self._started = False
-
-    def resumeProducing(self) -> None:
-        if self._chunks is None:
-            return
-        transport = self._protocol.transport
-        assert transport is not None
-        try:
-            chunk = self._ahead if self._started else next(self._chunks, None)
-            self._started = True
-            # Reading one ahead tells whether this chunk is the last.
-            self._ahead = None if chunk is None else next(self._chunks, None)
-        except (OSError, ValueError) as error:  # ValueError: the message was closed
-            self.stopProducing()
-            self._protocol.give_up(f"cannot read the message: {error}")
-            return
-        pieces = [] if chunk is None else [wire.chunk_header(len(chunk)), chunk]
-        if self._ahead is None:
-            self.stopProducing()
-            transport.unregisterProducer()  # type: ignore[attr-defined]
-            pieces.append(wire.END_OF_STREAM)
-        transport.writeSequence(pieces)
-
-    def pauseProducing(self) -> None:
-        """Pull producers are never paused."""
-
-    def stopProducing(self) -> None:
-        chunks, self._chunks = self._chunks, None
-        if chunks is not None:
-            getattr(chunks, "close", lambda: None)()
-
-
-class InstreamProtocol(Protocol):
+class InstreamProtocol(Sender):
     """One ``zINSTREAM`` scan: sends the message and collects everything clamd says
     until it closes the connection (which it does after an INSTREAM reply outside
     an IDSESSION). ``done`` fires with a :class:`Received`; cancelling it aborts
@@ -133,13 +90,13 @@ class InstreamProtocol(Protocol):
         self._message = message
         self._chunk_size = chunk_size
         self._reply = bytearray()
-        self._producer: _Chunks | None = None
+        self._producer: Chunks | None = None
         self.done: Deferred[Received] = Deferred(self._cancel)
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.write(wire.INSTREAM)
-        self._producer = _Chunks(self, self._message.chunks(self._chunk_size))
+        self._producer = Chunks(self, self._message.chunks(self._chunk_size))
         self.transport.registerProducer(self._producer, False)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
@@ -219,6 +176,9 @@ class ClamdScanner:
         self._reactor = reactor
         self._settings = settings
         self.endpoints = tuple(EndpointState(description, endpoint) for description, endpoint in endpoints)
+        if settings.keep_connections:
+            for state in self.endpoints:
+                state.kept = KeptSessions(reactor, settings.keep_connections, settings.keep_time)
         self._turn = 0
         self._timer: IDelayedCall | None = None
         self._stopped = False
@@ -250,23 +210,64 @@ class ClamdScanner:
             smallest = min(state.refused_at or 0 for state in live)
             return self._failed(ErrorKind.CONTENT_SIZE, f"clamd's StreamMaxLength is below {smallest} bytes")
         for state in fitting:
-            protocol = InstreamProtocol(message, self._settings.chunk_size)
-            try:
-                await _connect(state.endpoint, protocol)
-            except (CancelledError, ConnectingCancelledError):
-                self._mark_down(state, "not connected before the deadline")
-                raise CancelledError() from None
-            except Exception as error:
-                self._mark_down(state, str(error))
-                continue
-            state.scans += 1
-            try:
-                received = await protocol.done
-            except CancelledError:
-                self._mark_down(state, "no reply before the deadline")
-                raise
-            return self._result(state, message, received)
+            kept = state.kept is not None
+            received = await (self._on_session(state, message) if kept else self._alone(state, message))
+            if received is not None:
+                return self._result(state, message, received)
         return self._failed(ErrorKind.ENGINE_NOT_READY, self._unavailable())
+
+    async def _connected(self, state: EndpointState, protocol: Protocol) -> bool:
+        """Whether ``protocol`` got connected to ``state``'s clamd (if not, it is down)."""
+        try:
+            await _connect(state.endpoint, protocol)
+        except (CancelledError, ConnectingCancelledError):
+            self._mark_down(state, "not connected before the deadline")
+            raise CancelledError() from None
+        except Exception as error:
+            self._mark_down(state, str(error))
+            return False
+        state.connections += 1
+        return True
+
+    async def _answer(self, state: EndpointState, answer: Deferred[Received]) -> Received:
+        try:
+            return await answer
+        except CancelledError:
+            self._mark_down(state, "no reply before the deadline")
+            raise
+
+    async def _alone(self, state: EndpointState, message: Message) -> Received | None:
+        """The scan on a connection of its own, which clamd closes after answering;
+        None if clamd could not be reached."""
+        protocol = InstreamProtocol(message, self._settings.chunk_size)
+        if not await self._connected(state, protocol):
+            return None
+        state.scans += 1
+        return await self._answer(state, protocol.done)
+
+    async def _on_session(self, state: EndpointState, message: Message) -> Received | None:
+        """The scan on a kept IDSESSION connection, or a new one; None if clamd could
+        not be reached.  clamd may have ended a kept session just as the message
+        went out (a restart): closed with nothing said, the scan is made once more
+        on a new connection.  (A new connection that closes unanswered is an error:
+        a message that brings clamd down is not sent to it again and again.)"""
+        assert state.kept is not None
+        kept = state.kept.take()
+        state.scans += 1
+        if kept is not None:
+            received = await self._answer(state, kept.scan(message))
+            if received.reply or received.problem:
+                state.kept.give(kept)
+                return received
+        protocol = SessionProtocol(self._settings.chunk_size)
+        if not await self._connected(state, protocol):
+            if kept is not None:
+                return Received()  # sent once, unanswered: not sent anywhere else
+            state.scans -= 1
+            return None
+        received = await self._answer(state, protocol.scan(message))
+        state.kept.give(protocol)
+        return received
 
     def _result(self, state: EndpointState, message: Message, received: Received) -> ScanResult:
         if received.problem:
@@ -301,6 +302,8 @@ class ClamdScanner:
         if state.up:
             log.warn("clamd at {endpoint} is not available: {error}", endpoint=state.description, error=error)
             state.up = False
+        if state.kept is not None:
+            state.kept.close()
         self._schedule_check()
 
     def _schedule_check(self) -> None:
@@ -376,7 +379,8 @@ class ClamdScanner:
 
     def close(self) -> Deferred[None]:
         """Stop the health checks: the next one is not scheduled any more, and the
-        PINGs under way are aborted.  Scans under way go on."""
+        PINGs under way are aborted; end the kept connections.  Scans under way go
+        on.  Fires once the kept connections are gone."""
         self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -384,7 +388,8 @@ class ClamdScanner:
         for state in self.endpoints:
             if state.ping is not None:
                 state.ping.cancel()
-        return defer.succeed(None)
+        closing = [state.kept.close() for state in self.endpoints if state.kept is not None]
+        return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
 def _fire(result: object, waiter: Deferred[None]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +28,8 @@ MAX_SCANS_PER_CLIENT = 2
 # How long a shutdown waits for stopped jobs to return: they poll between parts
 # and chunks, which takes milliseconds.
 STOP_WAIT = 1.0
+# How long a scan thread with nothing to do waits for the next job before it ends.
+THREAD_IDLE_TIME = 0.5
 
 
 class Slots:
@@ -82,7 +84,7 @@ class Slots:
 
 
 class Workers:
-    """Runs scan jobs in threads of their own (``start`` replaces that: tests run a
+    """Runs scan jobs in threads, kept for the next jobs (``start`` replaces that: tests run a
     job at once or hold it), within ``slots``.
 
     Threads rather than processes: the message is already in this process (in
@@ -95,7 +97,7 @@ class Workers:
         self._slots = slots
         self._start = start or self._thread
         self._stops: set[threading.Event] = set()
-        self._threads: set[threading.Thread] = set()
+        self._threads = _Threads()
         self._watching = False
 
     def run(self, client: str, job: Job, busy: Callable[[], ScanResult]) -> Deferred[ScanResult]:
@@ -141,25 +143,15 @@ class Workers:
             self._watching = True
         done: Deferred[ScanResult] = Deferred()
 
-        def run() -> None:
+        def run() -> Callable[[], None]:
             try:
                 result = bound()
             except BaseException:
-                self._reactor.callFromThread(finish, Failure())
-            else:
-                self._reactor.callFromThread(finish, result)
+                failure = Failure()
+                return lambda: self._reactor.callFromThread(done.errback, failure)
+            return lambda: self._reactor.callFromThread(done.callback, result)
 
-        def finish(result: ScanResult | Failure) -> None:
-            self._threads.discard(thread)
-            if isinstance(result, Failure):
-                done.errback(result)
-            else:
-                done.callback(result)
-
-        # A daemon thread: a job stuck in one long call can never keep the process up.
-        thread = threading.Thread(target=run, name="smtpguard-scan", daemon=True)
-        self._threads.add(thread)
-        thread.start()
+        self._threads.run(run)
         return done
 
     def stop(self, wait: float = STOP_WAIT) -> None:
@@ -167,6 +159,61 @@ class Workers:
         threads to end: run when the reactor shuts down, after the sessions' drain."""
         for stop in list(self._stops):
             stop.set()
+        self._threads.stop(wait)
+
+
+class _Threads:
+    """Daemon threads named smtpguard-scan that run jobs one after another: a thread
+    that has finished a job waits up to ``idle_time`` seconds for the next one
+    before it ends, so a busy server does not start a thread per message.  A job
+    returns how to report its end, which is done once its thread is free for the
+    next job (so the job that the report lets start finds it free)."""
+
+    def __init__(self, idle_time: float = THREAD_IDLE_TIME) -> None:
+        self._idle_time = idle_time
+        self._lock = threading.Condition()
+        self._jobs: deque[Callable[[], Callable[[], None]]] = deque()
+        self._idle = 0  # threads waiting for a job that no queued job is meant for
+        self._stopping = False
+        self.threads: set[threading.Thread] = set()
+
+    def run(self, job: Callable[[], Callable[[], None]]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.append(job)
+                self._lock.notify()
+                return
+        # A daemon thread: a job stuck in one long call can never keep the process up.
+        thread = threading.Thread(target=self._work, args=(job,), name="smtpguard-scan", daemon=True)
+        with self._lock:
+            self.threads.add(thread)
+        thread.start()
+
+    def _work(self, job: Callable[[], Callable[[], None]]) -> None:
+        while True:
+            report = job()
+            with self._lock:
+                self._idle += 1
+            report()
+            with self._lock:
+                deadline = time.monotonic() + self._idle_time
+                while not self._jobs:
+                    left = deadline - time.monotonic()
+                    if self._stopping or left <= 0:
+                        self._idle -= 1
+                        self.threads.discard(threading.current_thread())
+                        return
+                    self._lock.wait(left)
+                job = self._jobs.popleft()
+
+    def stop(self, wait: float) -> None:
+        """Idle threads end now, the others after their job; wait up to ``wait``
+        seconds for them."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            threads = list(self.threads)
         deadline = time.monotonic() + wait
-        for thread in list(self._threads):
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
