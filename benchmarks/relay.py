@@ -549,11 +549,19 @@ CLAMSMTP_INFECTED = re.compile(r"status=VIRUS:\S*EICAR", re.IGNORECASE)
 _TROUBLE = re.compile(r"Traceback|Unhandled|internal error|next hop:|#(?:warn|error|critical)\]")
 
 
+def log_text(server: Server) -> str:
+    """All ``server``'s log, oldest first: twistd rotates its log file every
+    megabyte, so LOG.1, LOG.2 ... hold the older lines."""
+    assert server.log is not None
+    log = server.log
+    rotated = sorted(log.parent.glob(log.name + ".*"), key=lambda path: int(path.suffix[1:]), reverse=True)
+    return "".join(path.read_text(errors="replace") for path in [*rotated, log])
+
+
 def check_guard_log(guard: Server, expected: int) -> None:
     """After smtpguard has stopped: every message logged as scanned clean and
     relayed, the EICAR message as rejected, and no errors."""
-    assert guard.log is not None
-    text = guard.log.read_text(errors="replace")
+    text = log_text(guard)
     relayed = len(re.findall(r"status=clean action=deliver reply=\(250 ", text))
     infected = len(GUARD_INFECTED.findall(text))
     outcomes = len(re.findall(r" status=.* action=", text))

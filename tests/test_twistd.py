@@ -72,6 +72,12 @@ class Starter:
         self.started: list[Running] = []
 
     def __call__(self, launcher: list[str], *options: str, port: int) -> Running:
+        running = self.spawn(launcher, *options, port=port)
+        running.wait_until_listening()
+        return running
+
+    def spawn(self, launcher: list[str], *options: str, port: int) -> Running:
+        """Started, without waiting for it to listen."""
         output = self.directory / f"smtpguard-{len(self.started)}.log"
         with output.open("wb") as sink:
             process = subprocess.Popen(
@@ -83,7 +89,6 @@ class Starter:
             )
         running = Running(process, output, port)
         self.started.append(running)
-        running.wait_until_listening()
         return running
 
 
