@@ -96,12 +96,23 @@ def unix_fetch(reactor: Any) -> Fetch:
     return fetch
 
 
-def merge(texts: Mapping[int, str]) -> list[Metric]:
-    """The families of each worker's exposition text (by worker number), one
-    family per name, each sample labelled ``worker`` with its worker's number."""
+def parse(answer: Answer | str) -> list[Metric] | None:
+    """The families of a worker's answer to ``/metrics``; None unless it is 200
+    with Prometheus's text format."""
+    if not isinstance(answer, Answer) or answer.code != 200:
+        return None
+    try:
+        return list(text_string_to_metric_families(answer.body.decode("utf-8")))
+    except ValueError:  # UnicodeDecodeError too
+        return None
+
+
+def merge(families: Mapping[int, Sequence[Metric]]) -> list[Metric]:
+    """Each worker's families (by worker number) as one family per name, each
+    sample labelled ``worker`` with its worker's number."""
     merged: dict[str, Metric] = {}
-    for number, text in sorted(texts.items()):
-        for family in text_string_to_metric_families(text):
+    for number, parsed in sorted(families.items()):
+        for family in parsed:
             into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
             for sample in family.samples:
                 into.samples.append(sample._replace(labels={**sample.labels, "worker": str(number)}))
@@ -131,7 +142,7 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.scrape_errors = Counter(
             "smtpguard_worker_scrape_errors",
-            "Scrapes that left a worker out: it did not answer in time, or not with 200.",
+            "Scrapes that left a worker out: it did not answer in time, or not with 200 and metrics.",
             ["worker"],
             registry=self.registry,
         )
@@ -143,14 +154,15 @@ class WorkerMetrics:
         Prometheus's text format; never fails."""
 
         def expose(answers: Mapping[int, Answer | str]) -> bytes:
-            texts = {}
+            families = {}
             for number, answer in answers.items():
-                if isinstance(answer, Answer) and answer.code == 200:
-                    texts[number] = answer.body.decode("utf-8")
-                else:
+                parsed = parse(answer)
+                if parsed is None:
                     self.scrape_errors.labels(str(number)).inc()
+                else:
+                    families[number] = parsed
             # Set and read in one go: no other scrape can come in between.
-            self._collector.families = merge(texts)
+            self._collector.families = merge(families)
             try:
                 return generate_latest(self.registry)
             finally:
@@ -178,7 +190,7 @@ class WorkerMetrics:
 
         def ask(socket_path: str) -> Deferred[Answer | str]:
             asking: Deferred[Answer | str] = self._fetch(socket_path, path)  # type: ignore[assignment]
-            asking.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._late)
+            asking.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_late)
             return asking.addErrback(lambda failure: failure.getErrorMessage() or repr(failure.value))
 
         asked = [ask(socket_path) for _, socket_path in workers]
@@ -186,8 +198,8 @@ class WorkerMetrics:
             lambda answers: dict(zip((number for number, _ in workers), answers, strict=True))
         )
 
-    def _late(self, result: object, timeout: float) -> str:
-        return f"no answer within {timeout:g} s"
+def _late(result: object, timeout: float) -> str:
+    return f"no answer within {timeout:g} s"
 
 
 def _reason(answer: Answer | str) -> str:

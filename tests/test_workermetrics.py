@@ -25,7 +25,15 @@ from twisted.python.failure import Failure
 
 from smtpguard.metrics import Metrics
 from smtpguard.monitoring import registry_page, site
-from smtpguard.workermetrics import ANSWER_WITHIN, Answer, WorkerMetrics, merge, metrics_endpoint, unix_fetch
+from smtpguard.workermetrics import (
+    ANSWER_WITHIN,
+    Answer,
+    WorkerMetrics,
+    merge,
+    metrics_endpoint,
+    parse,
+    unix_fetch,
+)
 from tests.test_metrics import LISTENER, transaction
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -35,13 +43,15 @@ CLEAN = {"listener": LISTENER, "verdict": "clean", "action": "deliver"}
 class FakeWorker:
     """A worker's monitoring site as the real fetch reaches it: ``/metrics`` is
     its ``metrics`` registry in Prometheus's text format, ``/readyz`` 200
-    "ready" or 503 with ``problem``; ``silent`` it accepts and never answers."""
+    "ready" or 503 with ``problem``; ``silent`` it accepts and never answers.
+    ``body``, when set, is what ``/metrics`` answers instead."""
 
     def __init__(self, metrics: Metrics, problem: str = "", silent: bool = False) -> None:
         self.metrics = metrics
         self.problem = problem
         self.silent = silent
         self.aborted = 0  # requests cancelled, their connection aborted
+        self.body: bytes | None = None
 
     def get(self, path: bytes) -> Deferred[Answer]:
         if self.silent:
@@ -51,7 +61,7 @@ class FakeWorker:
 
             return Deferred(abort)
         if path == b"/metrics":
-            return succeed(Answer(200, generate_latest(self.metrics.registry)))
+            return succeed(Answer(200, generate_latest(self.metrics.registry) if self.body is None else self.body))
         if path == b"/readyz":
             return succeed(Answer(503, f"{self.problem}\n".encode()) if self.problem else Answer(200, b"ready\n"))
         return succeed(Answer(404, b"No Such Resource"))
@@ -185,6 +195,20 @@ def test_a_worker_whose_socket_is_gone_is_left_out_and_counted() -> None:
     assert key("smtpguard_worker_scrape_errors_total", worker="1") not in samples
 
 
+def test_a_worker_answering_what_is_not_metrics_is_left_out_and_counted() -> None:
+    """A worker's /metrics answering 200 with bytes that are not Prometheus's text
+    format: the scrape still answers, without that worker, and counts it."""
+    workers = counted(1, 1)
+    workers[1].body = b"\xff not metrics {"
+    _, _, merged = supervising(*workers)
+
+    samples = parsed(result(merged.scrape()))
+
+    assert key("smtpguard_messages_total", **CLEAN, worker="2") not in samples
+    assert samples[key("smtpguard_messages_total", **CLEAN, worker="1")] == 1
+    assert samples[key("smtpguard_worker_scrape_errors_total", worker="2")] == 1
+
+
 def test_ready_when_one_worker_is_ready() -> None:
     """Worker 1 unready (its clamd is down), worker 2 ready: the supervisor is ready."""
     workers = counted(0, 0)
@@ -220,9 +244,9 @@ def test_unready_while_no_worker_is_ready_to_ask() -> None:
 def test_merge_keeps_each_familys_type_and_adds_the_label_to_every_sample() -> None:
     """A histogram of two workers stays one histogram family, its bucket labels kept."""
     workers = counted(1, 2)
-    texts = {number: generate_latest(w.metrics.registry).decode() for number, w in enumerate(workers, 1)}
+    families = {number: parse(result(w.get(b"/metrics"))) or [] for number, w in enumerate(workers, 1)}
 
-    [family] = [family for family in merge(texts) if family.name == "smtpguard_transaction_seconds"]
+    [family] = [family for family in merge(families) if family.name == "smtpguard_transaction_seconds"]
 
     assert family.type == "histogram"
     counts = [(s.labels["worker"], s.value) for s in family.samples if s.name == "smtpguard_transaction_seconds_count"]
