@@ -176,7 +176,7 @@ class WorkerMetrics:
 
         def decide(answers: Mapping[int, Answer | str]) -> str:
             if not answers:
-                return "no worker running"
+                return "no worker has started"
             if any(isinstance(answer, Answer) and answer.code == 200 for answer in answers.values()):
                 return ""
             reasons = [f"worker {number}: {_reason(answer)}" for number, answer in sorted(answers.items())]

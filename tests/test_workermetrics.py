@@ -237,7 +237,7 @@ def test_unready_while_no_worker_is_ready_to_ask() -> None:
     """No worker has said it is ready yet (all starting): unready, asking no one."""
     _, fetch, merged = supervising()
 
-    assert result(merged.check()) == "no worker running"
+    assert result(merged.check()) == "no worker has started"
     assert fetch.asked == []
 
 
