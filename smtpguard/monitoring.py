@@ -4,9 +4,11 @@ reactor that runs smtpguard: ``/metrics`` for Prometheus, ``/healthz`` and
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,19 +24,28 @@ log = Logger()
 
 
 class MetricsPage(Resource):
-    """The registry in Prometheus's text format.  Written in the reactor's
-    thread (not prometheus_client's WSGI app, which runs in a thread pool), as
-    the gauges read live state that only that thread may touch."""
+    """Metrics in Prometheus's text format, as ``exposition()`` fires with them.
+    Written in the reactor's thread (not prometheus_client's WSGI app, which
+    runs in a thread pool), as the gauges read live state that only that
+    thread may touch."""
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, exposition: Callable[[], Deferred[bytes]]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._metrics = metrics
+        self._exposition = exposition
 
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._metrics.registry)
+    def render_GET(self, request: Request) -> Any:
+        def page(text: bytes) -> bytes:
+            request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+            return text
+
+        return answer_later(request, self._exposition().addCallback(page))
+
+
+def registry_page(metrics: Metrics) -> MetricsPage:
+    """The page of ``metrics``'s registry."""
+    return MetricsPage(lambda: succeed(generate_latest(metrics.registry)))
 
 
 def _text(request: Request, code: int, text: str) -> bytes:
@@ -52,35 +63,49 @@ class HealthPage(Resource):
         return _text(request, 200, "ok")
 
 
+class ReadinessCheck(Protocol):
+    def check(self) -> Deferred[str]:
+        """Fires with "" when ready, else with why not (one line); never fails."""
+
+
 class ReadyPage(Resource):
     """200 "ready" or 503 with the reason, as ``readiness`` finds."""
 
     isLeaf = True
 
-    def __init__(self, readiness: Readiness) -> None:
+    def __init__(self, readiness: ReadinessCheck) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._readiness = readiness
 
     def render_GET(self, request: Request) -> Any:
-        finished: list[object] = []
+        def page(problem: str) -> bytes:
+            return _text(request, 503, problem) if problem else _text(request, 200, "ready")
 
-        def gone(outcome: object) -> None:
-            finished.append(outcome)
-
-        request.notifyFinish().addBoth(gone)
-
-        def answer(problem: str) -> None:
-            if finished:
-                return  # the prober went away meanwhile
-            request.write(_text(request, 503, problem) if problem else _text(request, 200, "ready"))
-            request.finish()
-
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> bytes:
             log.failure("readiness check failed", failure)
-            answer(f"readiness check failed: {failure.getErrorMessage()}")
+            return page(f"readiness check failed: {failure.getErrorMessage()}")
 
-        self._readiness.check().addCallbacks(answer, failed)
-        return NOT_DONE_YET
+        return answer_later(request, self._readiness.check().addCallbacks(page, failed))
+
+
+def answer_later(request: Request, answering: Deferred[bytes]) -> Any:
+    """Render ``request`` with the body ``answering`` fires with (unless the
+    client went away meanwhile): what ``render_GET`` returns for it."""
+    finished: list[object] = []
+    request.notifyFinish().addBoth(finished.append)
+
+    def answer(body: bytes) -> None:
+        if finished:
+            return  # the prober went away meanwhile
+        request.write(body)
+        request.finish()
+
+    def failed(failure: Failure) -> None:
+        log.failure("answering {uri} failed", failure, uri=request.uri)
+        answer(_text(request, 500, f"failed: {failure.getErrorMessage()}"))
+
+    answering.addCallbacks(answer, failed)
+    return NOT_DONE_YET
 
 
 class _QuietSite(Site):
@@ -92,9 +117,10 @@ class _QuietSite(Site):
         pass
 
 
-def site(metrics: Metrics, readiness: Readiness) -> Site:
+def site(metrics: Resource, readiness: ReadinessCheck) -> Site:
+    """``/metrics`` served by ``metrics``, ``/healthz`` and ``/readyz`` asking ``readiness``."""
     root = Resource()
-    root.putChild(b"metrics", MetricsPage(metrics))
+    root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", HealthPage())  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", ReadyPage(readiness))
     return _QuietSite(root)  # type: ignore[no-untyped-call]
@@ -104,4 +130,4 @@ def monitoring_service(description: str, reactor: Any, metrics: Metrics) -> List
     """The service serving ``site`` on the server endpoint ``description``
     (already checked by the configuration)."""
     readiness = Readiness(reactor, lambda: metrics.watched)
-    return Listening(description, serverFromString(reactor, description), site(metrics, readiness))
+    return Listening(description, serverFromString(reactor, description), site(registry_page(metrics), readiness))

@@ -64,6 +64,7 @@ class Options(usage.Options):
         ["hostname", None, None, "Our name in the greeting, EHLO and Received: headers."],
         ["workers", None, None, "Worker processes sharing the listening sockets ([server] workers).", int],
         ["worker-number", None, None, "Set by the supervisor in the workers it starts.", int],
+        ["worker-directory", None, None, "Set by the supervisor: where a worker serves its metrics."],
     ]
 
     def __init__(self) -> None:

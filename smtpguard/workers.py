@@ -14,9 +14,11 @@ they log, tagged with their number.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +41,10 @@ from twisted.python.failure import Failure
 from twisted.python.lockfile import FilesystemLock
 from zope.interface import implementer
 
-from smtpguard.config import Config, ConfigError, Listener
+from smtpguard.config import Config, ConfigError, Listener, LogSettings
+from smtpguard.reload import restart_needed
+from smtpguard.transactionlog import TransactionLogFile
+from smtpguard.workermetrics import WorkerMetrics, metrics_endpoint, metrics_socket, supervisor_monitoring
 
 log = Logger()
 
@@ -75,10 +80,11 @@ class WorkerCommand:
     directory: str
     environment: Mapping[str, str]
 
-    def argv(self, number: int, sockets: int) -> list[str]:
+    def argv(self, number: int, sockets: int, private: str | None = None) -> list[str]:
         adopt = [f"--adopt={fd}" for fd in range(FIRST_FD, FIRST_FD + sockets)]
         twistd = [self.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", f"--logger={LOGGER}"]
-        return [*twistd, "smtpguard", *self.arguments, f"--worker-number={number}", *adopt]
+        where = [] if private is None else [f"--worker-directory={private}"]
+        return [*twistd, "smtpguard", *self.arguments, f"--worker-number={number}", *where, *adopt]
 
 
 # -- the supervisor's side --------------------------------------------------------------------
@@ -242,7 +248,12 @@ class Supervisor(service.Service):
     keeps ``count`` workers running, passes SIGHUP on (:meth:`reload`) and, when
     stopped, closes its copies of the sockets, sends each worker SIGTERM and
     waits for them all, sending SIGKILL to those still there after
-    ``stop_timeout`` seconds."""
+    ``stop_timeout`` seconds.
+
+    With ``private_directory``, it makes a directory only its user can enter
+    (in ``$RUNTIME_DIRECTORY`` when systemd gives one, else the temporary
+    directory) where each worker serves its metrics (:attr:`metrics_sockets`),
+    and removes it once the workers are gone."""
 
     def __init__(
         self,
@@ -253,6 +264,7 @@ class Supervisor(service.Service):
         backoff: Backoff = Backoff(),
         stop_timeout: float = 60.0,
         publish: ILogObserver = globalLogPublisher,
+        private_directory: bool = False,
     ) -> None:
         self._reactor = reactor
         self._count = count
@@ -266,11 +278,28 @@ class Supervisor(service.Service):
         self._deaths: dict[int, int] = {}  # quick deaths in a row, per worker number
         self._restarts: dict[int, Any] = {}  # pending restarts (delayed calls)
         self._stopped: Deferred[None] | None = None
+        self._private_directory = private_directory
+        self.directory: str | None = None  # the private directory, while running
+        self._starts: dict[int, int] = {}  # processes started, per worker number
 
     @property
     def pids(self) -> dict[int, int]:
         """The running workers' process ids, by worker number."""
         return {number: worker.pid for number, worker in sorted(self._workers.items())}
+
+    @property
+    def restarts(self) -> dict[int, int]:
+        """How many times each worker was started again, by worker number."""
+        return {number: starts - 1 for number, starts in sorted(self._starts.items())}
+
+    @property
+    def metrics_sockets(self) -> dict[int, str]:
+        """The metrics sockets of the workers that are ready, by worker number."""
+        directory = self.directory
+        if directory is None:
+            return {}
+        ready = [number for number, worker in sorted(self._workers.items()) if worker.protocol.ready]
+        return {number: metrics_socket(directory, number) for number in ready}
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
@@ -280,6 +309,11 @@ class Supervisor(service.Service):
         super().startService()  # type: ignore[no-untyped-call]
         if not self._sockets:
             self._sockets = self._open_sockets()
+        if self._private_directory:
+            # Made here, after twistd dropped privileges: the workers' user owns it.
+            self.directory = tempfile.mkdtemp(
+                prefix="smtpguard-workers-", dir=self._command.environment.get("RUNTIME_DIRECTORY")
+            )
         for number in range(1, self._count + 1):
             self._start(number)
 
@@ -290,7 +324,7 @@ class Supervisor(service.Service):
         # tells an orphaned worker to stop.
         fds.update({FIRST_FD + index: sock.fileno() for index, sock in enumerate(self._sockets)})
         protocol = WorkerProtocol(number, self._ended, self._publish)
-        argv = self._command.argv(number, len(self._sockets))
+        argv = self._command.argv(number, len(self._sockets), self.directory)
         try:
             process = self._reactor.spawnProcess(
                 protocol,
@@ -305,6 +339,7 @@ class Supervisor(service.Service):
             self._schedule(number, self._reactor.seconds())
             return
         self._workers[number] = _Worker(protocol, process, process.pid, self._reactor.seconds())
+        self._starts[number] = self._starts.get(number, 0) + 1
         log.info("worker {number} started, pid {pid}", number=number, pid=process.pid)
 
     def _ended(self, protocol: WorkerProtocol, reason: Failure) -> None:
@@ -353,6 +388,7 @@ class Supervisor(service.Service):
             sock.close()
         self._sockets = ()
         if not self._workers:
+            self._remove_directory()
             return succeed(None)
         stopped: Deferred[None] = Deferred()
         self._stopped = stopped
@@ -362,8 +398,14 @@ class Supervisor(service.Service):
         def done(result: None) -> None:
             if deadline.active():
                 deadline.cancel()
+            self._remove_directory()
 
         return stopped.addCallback(done)
+
+    def _remove_directory(self) -> None:
+        directory, self.directory = self.directory, None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _kill(self) -> None:
         for number, worker in sorted(self._workers.items()):
@@ -403,7 +445,9 @@ class _HangUp(service.Service):
 
 
 def supervisor_service(options: Any, reactor: Any) -> service.MultiService:
-    """The supervisor of ``options["loaded"].workers`` workers."""
+    """The supervisor of ``options["loaded"].workers`` workers.  It alone writes
+    ``[logging] file`` (the workers' transaction events come to it with the
+    rest of their log) and serves ``[metrics] listen``, asking the workers."""
     from smtpguard.tap import build_service
 
     config: Config = options["loaded"]
@@ -411,10 +455,42 @@ def supervisor_service(options: Any, reactor: Any) -> service.MultiService:
     build_service(config, reactor, listen=lambda listener, factory: service.Service())
     command = WorkerCommand(sys.executable, tuple(options.arguments), os.getcwd(), dict(os.environ))
     top = service.MultiService()
-    supervisor = Supervisor(reactor, config.workers, command, lambda: open_sockets(config))
+    log_file = None
+    if config.logging.file is not None:
+        log_file = TransactionLogFile(config.logging)
+        log_file.setServiceParent(top)  # type: ignore[no-untyped-call]
+    monitored = config.metrics_listen is not None
+    supervisor = Supervisor(reactor, config.workers, command, lambda: open_sockets(config), private_directory=monitored)
     supervisor.setServiceParent(top)  # type: ignore[no-untyped-call]
-    _HangUp(reactor, supervisor.reload).setServiceParent(top)  # type: ignore[no-untyped-call]
+    if config.metrics_listen is not None:
+        metrics = WorkerMetrics(
+            reactor, lambda: supervisor.metrics_sockets, lambda: len(supervisor.pids), lambda: supervisor.restarts
+        )
+        supervisor_monitoring(config.metrics_listen, reactor, metrics).setServiceParent(top)  # type: ignore[no-untyped-call]
+
+    def hang_up() -> None:
+        if log_file is not None:
+            log_file.reopen()  # as log rotation expects of a SIGHUP
+        name_restart_needed(config, options.load)
+        supervisor.reload()
+
+    _HangUp(reactor, hang_up).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
+
+
+SUPERVISORS = ("metrics.listen", "logging")  # the keys only the supervisor uses
+
+
+def name_restart_needed(started: Config, load: Callable[[], Config]) -> None:
+    """Log the changes to the supervisor's own keys in the file read again (the
+    workers name theirs, and a file they refuse)."""
+    try:
+        changes = restart_needed(started, load())
+    except Exception:
+        return
+    for change in changes:
+        if change in SUPERVISORS:
+            log.warn("{source}: {change} changed: needs a restart; not applied", source=started.source, change=change)
 
 
 # -- the worker's side -------------------------------------------------------------------------
@@ -525,13 +601,31 @@ class WorkerRole(service.Service):
         reload()
 
 
+def as_worker(config: Config, number: int, private: str | None) -> Config:
+    """``config`` as worker ``number`` runs it: no transaction log file (the
+    supervisor writes it) and, when the supervisor serves metrics (and so gave
+    it a ``private`` directory), its own metrics on a unix socket there.  The
+    supervisor's keys read the same in every file a worker reads again, so only
+    the supervisor names their changes."""
+    metrics = None if private is None else metrics_endpoint(private, number)
+    return attrs.evolve(config, logging=LogSettings(), metrics_listen=metrics)
+
+
 def worker_service(
-    config: Config, reactor: Any, number: int, fds: Sequence[int], load: Callable[[], Config] | None = None
+    config: Config,
+    reactor: Any,
+    number: int,
+    fds: Sequence[int],
+    load: Callable[[], Config] | None = None,
+    private: str | None = None,
 ) -> service.MultiService:
-    """Worker ``number``: the service of ``config``, each of its listeners
-    adopting the socket at the same place in ``fds``."""
+    """Worker ``number``: the service of ``config`` (:func:`as_worker`), each of
+    its listeners adopting the socket at the same place in ``fds``."""
     from smtpguard.tap import build_service
 
+    config = as_worker(config, number, private)
+    if load is not None:
+        load = _loading_as_worker(load, number, private)
     if len(fds) != len(config.listeners):
         raise ConfigError(
             f"{config.source}: server.listen: {len(config.listeners)} listeners now, {len(fds)} when smtpguard"
@@ -545,9 +639,14 @@ def worker_service(
     return top
 
 
+def _loading_as_worker(load: Callable[[], Config], number: int, private: str | None) -> Callable[[], Config]:
+    return lambda: as_worker(load(), number, private)
+
+
 def make_service(options: Any, reactor: Any) -> service.MultiService:
     """A worker when the supervisor started this process, else the supervisor."""
     if options["worker-number"] is not None:
         number = int(options["worker-number"])
-        return worker_service(options["loaded"], reactor, number, options["adopt"], options.load)
+        private = options["worker-directory"]
+        return worker_service(options["loaded"], reactor, number, options["adopt"], options.load, private)
     return supervisor_service(options, reactor)

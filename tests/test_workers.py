@@ -10,20 +10,41 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from twisted.application import service
 from twisted.internet import error
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogLevel, capturedLogs, eventAsJSON, formatEvent
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    LogPublisher,
+    capturedLogs,
+    eventAsJSON,
+    eventsFromJSONLogFile,
+    formatEvent,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from smtpguard import config as configuration
 from smtpguard.config import ConfigError
+from smtpguard.reload import restart_needed
 from smtpguard.tap import Options
-from smtpguard.workers import Backoff, Supervisor, WorkerCommand, WorkerProtocol, WorkerRole, open_sockets
+from smtpguard.transactionlog import TransactionLogFile, log_transaction, transaction_fields
+from smtpguard.workers import (
+    Backoff,
+    Supervisor,
+    WorkerCommand,
+    WorkerProtocol,
+    WorkerRole,
+    as_worker,
+    name_restart_needed,
+    open_sockets,
+)
+from tests.test_transactionlog import transaction
 
 SIGNALS = {"HUP": 1, "INT": 2, "KILL": 9, "TERM": 15, "STOP": 19}
 
@@ -335,6 +356,112 @@ def test_worker_events_are_logged_again_tagged_with_its_number() -> None:
         ("Traceback (most recent call last):", "worker 2 smtpguard.workers#warn", LogLevel.warn),
     ]
     assert published[0]["log_time"] == events[0]["log_time"]
+
+
+def test_a_workers_transaction_events_go_into_the_supervisors_log_file(tmp_path: Path) -> None:
+    """A transaction event on a worker's stdout reaches the supervisor's transaction
+    log file once, its fields intact and the worker's number added; the worker's
+    other events do not."""
+    path = tmp_path / "transactions.json"
+    publisher = LogPublisher()
+    log_file = TransactionLogFile(configuration.LogSettings("json", str(path)), publisher)
+    log_file.startService()
+    protocol = WorkerProtocol(2, lambda protocol, reason: None, publisher)
+    record = transaction()
+    with capturedLogs() as events:
+        log_transaction(record)
+        Logger(namespace="smtpguard.pipeline").info("{queue}: relayed", queue="Q1")
+    for event in events:
+        protocol.childDataReceived(1, ("\x1e" + eventAsJSON(event) + "\n").encode())
+    log_file.stopService()
+
+    with path.open(encoding="utf-8") as handle:
+        [written] = list(eventsFromJSONLogFile(handle))
+    fields = transaction_fields(record)
+    assert {name: written[name] for name in fields} == fields
+    assert written["smtpguard_worker"] == 2
+
+
+MONITORED: dict[str, Any] = {
+    "server": {"listen": ["tcp:10025"], "workers": 2},
+    "upstream": {"endpoint": "tcp:127.0.0.1:10026"},
+    "scanners": [{"type": "builtin"}],
+    "logging": {"format": "json", "file": "/var/log/smtpguard/transactions.json"},
+    "metrics": {"listen": "tcp:9125:interface=127.0.0.1"},
+}
+
+
+def test_workers_write_no_log_file_and_serve_metrics_on_their_socket() -> None:
+    """As worker 2 runs it, the configuration has no [logging] file (the supervisor
+    writes it) and [metrics] listen is its unix socket in the private directory."""
+    worker = as_worker(configuration.parse(MONITORED, "guard.toml"), 2, "/run/smtpguard/w")
+    assert worker.logging == configuration.LogSettings("text", None)
+    assert worker.metrics_listen == "unix:/run/smtpguard/w/worker-2.sock:mode=600:lockfile=1"
+    assert as_worker(configuration.parse({**MONITORED, "metrics": {}}, "guard.toml"), 2, None).metrics_listen is None
+
+
+def test_only_the_supervisor_names_a_change_to_its_keys_on_reload() -> None:
+    """A file read again with another [metrics] listen and [logging] file: the
+    supervisor warns that each needs a restart; as workers read it, it has no
+    change that needs one."""
+    started = configuration.parse(MONITORED, "guard.toml")
+    changed = configuration.parse(
+        {**MONITORED, "logging": {"format": "text", "file": "-"}, "metrics": {"listen": "tcp:9126"}}, "guard.toml"
+    )
+
+    with capturedLogs() as events:
+        name_restart_needed(started, lambda: changed)
+
+    assert [(event["log_level"], formatEvent(event)) for event in events] == [
+        (LogLevel.warn, "guard.toml: metrics.listen changed: needs a restart; not applied"),
+        (LogLevel.warn, "guard.toml: logging changed: needs a restart; not applied"),
+    ]
+    assert restart_needed(as_worker(started, 1, "/run/w"), as_worker(changed, 1, "/run/w")) == []
+
+
+def test_private_directory_is_made_for_the_workers_and_removed_after_them(tmp_path: Path) -> None:
+    """With private_directory, the supervisor makes a directory of mode 0700 in
+    $RUNTIME_DIRECTORY, gives it to each worker (--worker-directory) and removes
+    it once the workers are gone."""
+    reactor = ProcessReactor()
+    command = attrs.evolve(COMMAND, environment={"LANG": "C", "RUNTIME_DIRECTORY": str(tmp_path)})
+    supervisor = Supervisor(reactor, 2, command, lambda: [FakeSocket(7)], BACKOFF, private_directory=True)
+    supervisor.privilegedStartService()
+    supervisor.startService()
+
+    [directory] = tmp_path.iterdir()
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert [spawned["args"][-2] for spawned in reactor.spawned] == [f"--worker-directory={directory}"] * 2
+    stopped = fired(supervisor.stopService())
+    reactor.process(1).exit(None, 15)
+    assert directory.exists()
+    reactor.process(2).exit(None, 15)
+    assert stopped == [None]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_sockets_are_those_of_the_ready_workers(tmp_path: Path) -> None:
+    """Only a worker that said it is ready is asked for its metrics."""
+    reactor = ProcessReactor()
+    command = attrs.evolve(COMMAND, environment={"RUNTIME_DIRECTORY": str(tmp_path)})
+    supervisor = Supervisor(reactor, 2, command, lambda: [FakeSocket(7)], BACKOFF, private_directory=True)
+    supervisor.startService()
+    assert supervisor.metrics_sockets == {}
+    reactor.process(2).protocol.childDataReceived(1, ready_line(2))
+    assert supervisor.metrics_sockets == {2: f"{supervisor.directory}/worker-2.sock"}
+    fired(supervisor.stopService())
+    for number in (1, 2):
+        reactor.process(number).exit(None, 15)
+
+
+def test_restarts_count_each_worker_started_again() -> None:
+    """Worker 1 dying twice and started again each time: restarts {1: 2, 2: 0}."""
+    reactor, supervisor, _ = running()
+    assert supervisor.restarts == {1: 0, 2: 0}
+    for _ in range(2):
+        reactor.process(1).exit(1)
+        reactor.advance(30)
+    assert supervisor.restarts == {1: 2, 2: 0}
 
 
 class Reloadable(service.MultiService):

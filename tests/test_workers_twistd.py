@@ -12,14 +12,19 @@ import re
 import signal
 import smtplib
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
+from twisted.logger import eventsFromJSONLogFile
 
 from smtpguard.replies import SHUTTING_DOWN
 from tests.conftest import SmtpSink, free_port
@@ -216,3 +221,98 @@ async def test_sigterm_drains_both_workers(smtpguard: Starter, strict_hop: Stric
     for number in (1, 2):
         assert f"[smtpguard.workers#info] worker {number} (pid {pids[number]}) was killed by signal 15" in text
     assert "did not stop" not in text
+
+
+def monitored(tmp_path: Path, smtpguard: Starter, smtp_sink: SmtpSink) -> tuple[Running, dict[int, int], int, Path]:
+    """Two workers with [metrics] listen on a free loopback port and the JSON
+    transaction log in a file: the metrics port and the file."""
+    metrics = free_port()
+    log = tmp_path / "transactions.json"
+    config = tmp_path / "monitored.toml"
+    config.write_text(
+        f'[metrics]\nlisten = "tcp:{metrics}:interface=127.0.0.1"\n[logging]\nformat = "json"\nfile = "{log}"\n',
+        encoding="utf-8",
+    )
+    running, pids = start(smtpguard, smtp_sink.endpoint, "--config", str(config))
+    return running, pids, metrics, log
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=20) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def transactions(log: Path) -> list[dict[str, Any]]:
+    with log.open(encoding="utf-8") as handle:
+        return list(eventsFromJSONLogFile(handle))
+
+
+def test_supervisor_serves_each_workers_metrics_and_writes_every_transaction_once(
+    tmp_path: Path, smtpguard: Starter, smtp_sink: SmtpSink
+) -> None:
+    """3 messages through worker 1 and 2 through worker 2: the supervisor's /metrics
+    has smtpguard_messages_total 3 with worker="1" and 2 with worker="2" (their
+    sum, 5, the messages sent), smtpguard_workers 2; its JSON transaction log has
+    one event per message, each with its worker's number."""
+    running, pids, metrics, log = monitored(tmp_path, smtpguard, smtp_sink)
+    sent = {1: 3, 2: 2}
+
+    for number, count in sent.items():
+        with only(pids, number):
+            for index in range(count):
+                assert send(running.port, f"worker {number} message {index}")[1] == {}
+    assert len(smtp_sink.messages(5, timeout=20)) == 5
+    wait_for(running, lambda text: len(transactions(log)) >= 5, "5 events in the transaction log")
+
+    events = transactions(log)
+    assert len(events) == 5
+    assert sorted(event["smtpguard_worker"] for event in events) == [1, 1, 1, 2, 2]
+    assert [event["action"] for event in events] == ["deliver"] * 5
+    status, text = get(metrics, "/metrics")
+    assert status == 200
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    messages = {
+        (sample.labels["worker"], sample.labels["verdict"], sample.labels["action"]): sample.value
+        for sample in families["smtpguard_messages"].samples
+        if sample.name == "smtpguard_messages_total"
+    }
+    assert messages == {("1", "clean", "deliver"): 3.0, ("2", "clean", "deliver"): 2.0}
+    assert sum(messages.values()) == 5
+    assert [sample.value for sample in families["smtpguard_workers"].samples] == [2.0]
+    assert workers(running.text()) == pids
+
+
+def test_supervisor_answers_healthz_and_readyz_for_its_workers(
+    tmp_path: Path, smtpguard: Starter, smtp_sink: SmtpSink
+) -> None:
+    """With both workers ready and smtp-sink up, the supervisor answers /healthz
+    200 ok and /readyz 200 ready; no worker restarted for want of the metrics port."""
+    running, pids, metrics, _ = monitored(tmp_path, smtpguard, smtp_sink)
+
+    assert get(metrics, "/healthz") == (200, "ok\n")
+    assert get(metrics, "/readyz") == (200, "ready\n")
+    assert "address already in use" not in running.text()
+    assert workers(running.text()) == pids
+
+
+def test_sighup_to_the_supervisor_reopens_the_transaction_log_after_rotation(
+    tmp_path: Path, smtpguard: Starter, smtp_sink: SmtpSink
+) -> None:
+    """The file moved away (as logrotate does) and SIGHUP sent to the supervisor:
+    the next message's event goes into a new file at the configured path, the
+    earlier one stays in the moved file."""
+    running, _, _, log = monitored(tmp_path, smtpguard, smtp_sink)
+    assert send(running.port, "before rotation")[1] == {}
+    wait_for(running, lambda text: log.exists() and len(transactions(log)) == 1, "the first event in the file")
+
+    log.rename(tmp_path / "transactions.json.1")
+    running.process.send_signal(signal.SIGHUP)
+    wait_for(running, lambda text: log.exists(), "the file reopened")
+    assert send(running.port, "after rotation")[1] == {}
+    wait_for(running, lambda text: len(transactions(log)) == 1, "the second event in the new file")
+
+    assert len(transactions(tmp_path / "transactions.json.1")) == 1
+    assert len(smtp_sink.messages(2, timeout=20)) == 2
