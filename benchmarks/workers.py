@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from relay import (
+    DIRECT,
     GUARD,
     GUARD_INFECTED,
     REPO,
@@ -65,7 +66,7 @@ def start(stack: ExitStack, workdir: Path, sink: Server, workers: int) -> Server
 def run(arguments: argparse.Namespace) -> int:
     counts = sorted({1, *arguments.workers})
     case = Case(arguments.size, arguments.sessions, arguments.messages)
-    samples: dict[int, list[Sample]] = {count: [] for count in counts}
+    samples: dict[int, list[Sample]] = {count: [] for count in [0, *counts]}  # 0: smtp-sink directly
     with ExitStack() as stack:
         workdir = work_directory(stack, arguments.workdir, "smtpguard-workers-")
         sink = start_sink(stack, workdir)
@@ -77,39 +78,45 @@ def run(arguments: argparse.Namespace) -> int:
             warm = Case(case.size, case.sessions, 2 * case.sessions)  # every worker up, not counted
             measure(target, warm, False, arguments.timeout)
             scanned[count] += warm.messages
+        targets[0] = Target(DIRECT, sink.port, sink, sink)
+        order = [0, *counts]
         for round_number in range(arguments.rounds):
-            shift = round_number % len(counts)
-            for count in counts[shift:] + counts[:shift]:
+            shift = round_number % len(order)
+            for count in order[shift:] + order[:shift]:
                 samples[count].append(measure(targets[count], case, False, arguments.timeout))
-                scanned[count] += case.messages
+                scanned[count] = scanned.get(count, 0) + case.messages
             print(f"round {round_number + 1}/{arguments.rounds} done", file=sys.stderr, flush=True)
+        del scanned[0]
         for count, guard in guards.items():
             guard.stop()
             check_guard_log(guard, scanned[count])
         commands = {count: f"PYTHONPATH={REPO} {shlex.join(guard.command)}" for count, guard in guards.items()}
 
-    one = samples[1]
+    def ratio(runs: list[Sample], base: list[Sample]) -> str:
+        return f"{statistics.median(b.seconds / a.seconds for a, b in zip(runs, base, strict=True)):.2f}"
+
     rows = []
-    for count in counts:
+    for count in [0, *counts]:
         runs = samples[count]
         rates = [case.messages / sample.seconds for sample in runs]
-        ratios = [b.seconds / a.seconds for a, b in zip(runs, one, strict=True)]
-        cpu = statistics.median(sample.cpu for sample in runs) / case.messages * 1000
+        name = f"smtpguard builtin, {count} worker{'s' if count > 1 else ''}" if count else "smtp-sink directly"
         rows.append(
             [
-                f"smtpguard builtin, {count} worker{'s' if count > 1 else ''}",
+                name,
                 f"{statistics.median(rates):.0f}",
                 " ".join(f"{rate:.0f}" for rate in rates),
-                f"{cpu:.2f}",
-                f"{statistics.median(ratios):.2f}",
+                f"{statistics.median(sample.cpu for sample in runs) / case.messages * 1000:.2f}" if count else "-",
+                ratio(runs, samples[1]) if count else "-",
+                ratio(runs, samples[0]),
             ]
         )
-    header = ["configuration", "msg/s (median)", "msg/s each round", "CPU ms/msg (all processes)", "vs 1 worker"]
+    header = ["configuration", "msg/s (median)", "msg/s each round", "CPU ms/msg (all processes)"]
+    header += ["vs 1 worker", "vs direct"]
     print(table(header, rows))
     print()
     print(
         f"{case.sessions} sessions x {case.size} bytes, {case.messages} messages a run, {arguments.rounds} rounds "
-        "interleaved in rotating order; vs 1 worker: the median of the per-round ratios; every message "
+        "interleaved in rotating order; vs 1 worker, vs direct: the median of the per-round ratios; every message "
         "logged as scanned clean and relayed, an EICAR message rejected by each"
     )
     print(f"machine: {os.cpu_count()} CPUs")
