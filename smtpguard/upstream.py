@@ -16,7 +16,7 @@ import attrs
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,6 +26,7 @@ from smtpguard import replies
 from smtpguard.envelope import BodyType, Envelope, Recipient, mail_arguments, rcpt_arguments
 from smtpguard.forwarding import xforward_commands
 from smtpguard.interfaces import INextHop, IRelaySession
+from smtpguard.keptpool import Kept
 from smtpguard.replies import Reply
 from smtpguard.settings import UpstreamSettings, UpstreamTLS
 from smtpguard.smtpclient import ProtocolViolation, SMTPClientProtocol, WhileProducing, parse_extensions
@@ -494,52 +495,27 @@ class KeptConnections:
     connection cache does: a new client session skips the connect, greeting,
     EHLO (and STARTTLS) of its own.  At most ``size`` are kept, each for at most
     ``idle_time`` seconds; only set-up, idle connections are taken in, and one is
-    handed out only if it still is and its TLS state is what the settings ask."""
+    handed out only if it still is and its TLS state is what the settings ask.
+    Once closed (a reload, a stop), a connection given back is told QUIT."""
 
     def __init__(self, reactor: IReactorTime, size: int, idle_time: float) -> None:
-        self._reactor = reactor
-        self._size = size
-        self._idle_time = idle_time
-        self._kept: list[tuple[SMTPClientProtocol, IDelayedCall]] = []
-        self._closed = False
+        self._kept: Kept[SMTPClientProtocol] = Kept(
+            reactor, size, idle_time, usable=_reusable, let_go=_close_unused, gone=lambda protocol: protocol.lost
+        )
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def take(self, settings: UpstreamSettings) -> SMTPClientProtocol | None:
-        while self._kept:
-            protocol, expiry = self._kept.pop()
-            expiry.cancel()
-            if _reusable(protocol) and (protocol.tls or settings.tls is not UpstreamTLS.REQUIRED):
-                return protocol
-            _close_unused(protocol)
-        return None
+        return self._kept.take(lambda protocol: protocol.tls or settings.tls is not UpstreamTLS.REQUIRED)
 
     def give(self, protocol: SMTPClientProtocol) -> None:
-        if not _reusable(protocol):
-            _close_unused(protocol)
-            return
-        # Closed: a session that ended after its next hop was let go (a reload, a stop).
-        if self._closed or len(self._kept) >= self._size:
-            _quit(protocol)
-            return
-        expiry = self._reactor.callLater(self._idle_time, self._expire, protocol)
-        self._kept.append((protocol, expiry))
-
-    def _expire(self, protocol: SMTPClientProtocol) -> None:
-        self._kept = [(kept, expiry) for kept, expiry in self._kept if kept is not protocol]
-        _close_unused(protocol)
+        self._kept.give(protocol)
 
     def close(self) -> Deferred[None]:
         """Close every kept connection, and each one given later; fires once the
         kept ones are all gone."""
-        self._closed = True
-        kept, self._kept = self._kept, []
-        for protocol, expiry in kept:
-            expiry.cancel()
-            _close_unused(protocol)
-        gone = [protocol.lost for protocol, _ in kept]
-        return defer.gatherResults(gone).addCallback(lambda _: None)
+        return self._kept.close()
 
 
 def _with_prefix(prefix: bytes, message: Message) -> Iterator[bytes]:
@@ -555,6 +531,8 @@ def _reusable(protocol: SMTPClientProtocol) -> bool:
 
 
 def _close_unused(protocol: SMTPClientProtocol) -> None:
+    """Let go of a connection that is not kept: an idle one (the surplus of a full
+    or closed pool among them) hears QUIT, one still waiting for a reply is cut."""
     if protocol.idle:
         _quit(protocol)
     elif protocol.transport is not None and protocol.connected_:

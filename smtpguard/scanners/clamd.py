@@ -18,9 +18,10 @@ from zope.interface import implementer
 
 from smtpguard.envelope import Envelope
 from smtpguard.interfaces import IClosable, IHealthReporting, IScanner
+from smtpguard.keptpool import Kept
 from smtpguard.results import ErrorKind, ScanResult, SizeLimit
 from smtpguard.scanners import clamd_protocol as wire
-from smtpguard.scanners.clamd_session import Chunks, KeptSessions, Received, Sender, SessionProtocol
+from smtpguard.scanners.clamd_session import Chunks, Received, Sender, SessionProtocol, kept_sessions
 from smtpguard.scanners.deadline import with_deadline
 from smtpguard.scanners.optional import EndpointHealth, Health, oversize
 from smtpguard.spool import Message
@@ -61,7 +62,7 @@ class EndpointState:
     connections: int = 0  # opened for scans
     ping: Deferred[Any] | None = None
     waiting: list[Deferred[None]] = attrs.Factory(list)
-    kept: KeptSessions | None = None
+    kept: Kept[SessionProtocol] | None = None
 
 
 class _OneShotFactory(Factory):
@@ -178,7 +179,7 @@ class ClamdScanner:
         self.endpoints = tuple(EndpointState(description, endpoint) for description, endpoint in endpoints)
         if settings.keep_connections:
             for state in self.endpoints:
-                state.kept = KeptSessions(reactor, settings.keep_connections, settings.keep_time)
+                state.kept = kept_sessions(reactor, settings.keep_connections, settings.keep_time)
         self._turn = 0
         self._timer: IDelayedCall | None = None
         self._stopped = False
@@ -303,7 +304,7 @@ class ClamdScanner:
             log.warn("clamd at {endpoint} is not available: {error}", endpoint=state.description, error=error)
             state.up = False
         if state.kept is not None:
-            state.kept.close()
+            state.kept.empty()  # not closed: once the endpoint is back, its sessions are kept again
         self._schedule_check()
 
     def _schedule_check(self) -> None:
@@ -388,7 +389,7 @@ class ClamdScanner:
         for state in self.endpoints:
             if state.ping is not None:
                 state.ping.cancel()
-        closing = [state.kept.close() for state in self.endpoints if state.kept is not None]
+        closing = [state.kept.empty() for state in self.endpoints if state.kept is not None]
         return defer.gatherResults(closing).addCallback(lambda _: None)
 
 

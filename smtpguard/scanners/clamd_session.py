@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPullProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtpguard.keptpool import Kept
 from smtpguard.scanners import clamd_protocol as wire
 from smtpguard.spool import Message
 
@@ -161,8 +162,9 @@ class SessionProtocol(Sender):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def end(self) -> None:
-        """Close an idle connection: clamd ends the session when it reads ``zEND``."""
-        if self.connected_ and self.transport is not None:
+        """Close an idle connection: clamd ends the session when it reads ``zEND``
+        (one that is not idle is closing already)."""
+        if self.idle and self.transport is not None:
             self._ending = True
             self.transport.write(END)
             self.transport.loseConnection()
@@ -192,58 +194,20 @@ class SessionProtocol(Sender):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
-class KeptSessions:
+def kept_sessions(reactor: IReactorTime, size: int, idle_time: float) -> Kept[SessionProtocol]:
     """Idle session connections to one clamd, kept for the next scans: at most
-    ``size``, each for at most ``idle_time`` seconds; the most recently used is
-    taken first, so a quiet spell lets the others expire."""
+    ``size``, each for at most ``idle_time`` seconds.  clamd may end a session
+    while it is kept (a restart): it is then forgotten."""
+    return Kept(reactor, size, idle_time, usable=_idle, let_go=SessionProtocol.end, gone=_gone, watch=_watch)
 
-    def __init__(self, reactor: IReactorTime, size: int, idle_time: float) -> None:
-        self._reactor = reactor
-        self._size = size
-        self._idle_time = idle_time
-        self._kept: list[tuple[SessionProtocol, IDelayedCall]] = []
 
-    def __len__(self) -> int:
-        return len(self._kept)
+def _idle(protocol: SessionProtocol) -> bool:
+    return protocol.idle
 
-    def take(self) -> SessionProtocol | None:
-        while self._kept:
-            protocol, expiry = self._kept.pop()
-            expiry.cancel()
-            protocol.when_lost = None
-            if protocol.idle:
-                return protocol
-        return None
 
-    def give(self, protocol: SessionProtocol) -> None:
-        if not protocol.idle:
-            return
-        if len(self._kept) >= self._size:
-            protocol.end()
-            return
-        expiry = self._reactor.callLater(self._idle_time, self._expire, protocol)
-        self._kept.append((protocol, expiry))
-        # clamd may end the session while it is kept (a restart): it is then forgotten.
-        protocol.when_lost = self._forget
+def _gone(protocol: SessionProtocol) -> Deferred[None]:
+    return protocol.gone
 
-    def _forget(self, protocol: SessionProtocol) -> None:
-        for index, (kept, expiry) in enumerate(self._kept):
-            if kept is protocol:
-                del self._kept[index]
-                if expiry.active():
-                    expiry.cancel()
-                return
 
-    def _expire(self, protocol: SessionProtocol) -> None:
-        self._kept = [(kept, expiry) for kept, expiry in self._kept if kept is not protocol]
-        protocol.end()
-
-    def close(self) -> Deferred[None]:
-        """End every kept connection; fires once they are all gone."""
-        kept, self._kept = self._kept, []
-        for protocol, expiry in kept:
-            if expiry.active():
-                expiry.cancel()
-            protocol.end()
-        return gatherResults([protocol.gone for protocol, _ in kept]).addCallback(lambda _: None)
-
+def _watch(protocol: SessionProtocol, told: Callable[[SessionProtocol], None] | None) -> None:
+    protocol.when_lost = told
