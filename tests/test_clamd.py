@@ -808,6 +808,21 @@ def test_close_ends_the_kept_sessions() -> None:
     assert closed.called
 
 
+def test_session_of_a_scan_under_way_at_close_is_ended_when_the_scan_ends() -> None:
+    """A scan that goes on after ``close()`` keeps its answer; its connection is
+    then ended at once with ``zEND\\0``, never kept with an idle timer."""
+    endpoint = FakeEndpoint()
+    clamd, clock = sessions(endpoint)
+    scanning = clamd.scan(message(CLEAN), ENVELOPE)
+    endpoint.drain()
+    clamd.close()
+    protocol, transport = endpoint.last
+    protocol.dataReceived(b"1: stream: OK\0")
+    assert result_of(scanning) == CLEAN_RESULT
+    assert transport.value().endswith(b"zEND\0") and transport.disconnecting
+    assert clock.getDelayedCalls() == []
+
+
 # -- 3. the plugin and its configuration ------------------------------------------------
 
 

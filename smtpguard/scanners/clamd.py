@@ -380,8 +380,8 @@ class ClamdScanner:
 
     def close(self) -> Deferred[None]:
         """Stop the health checks: the next one is not scheduled any more, and the
-        PINGs under way are aborted; end the kept connections.  Scans under way go
-        on.  Fires once the kept connections are gone."""
+        PINGs under way are aborted; end the kept connections, and those of the
+        scans under way as they finish.  Fires once the kept connections are gone."""
         self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -389,7 +389,7 @@ class ClamdScanner:
         for state in self.endpoints:
             if state.ping is not None:
                 state.ping.cancel()
-        closing = [state.kept.empty() for state in self.endpoints if state.kept is not None]
+        closing = [state.kept.close() for state in self.endpoints if state.kept is not None]
         return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
