@@ -24,9 +24,12 @@ import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
+from twisted.internet.task import Clock
 from twisted.logger import eventsFromJSONLogFile
 
-from smtpguard.replies import SHUTTING_DOWN
+from smtpguard.notifiers.outbox import Outbox
+from smtpguard.replies import SHUTTING_DOWN, Reply
+from smtpguard.testing import MemoryNextHop
 from tests.conftest import SmtpSink, free_port
 from tests.strict_hop import StrictHop
 from tests.test_twistd import LAUNCHERS, RECIPIENT, SENDER, Running, Starter, send
@@ -316,3 +319,56 @@ def test_sighup_to_the_supervisor_reopens_the_transaction_log_after_rotation(
 
     assert len(transactions(tmp_path / "transactions.json.1")) == 1
     assert len(smtp_sink.messages(2, timeout=20)) == 2
+
+
+def queue_notices(directory: Path, recipients: list[str]) -> None:
+    """A notice to each of ``recipients`` written into the outbox ``directory``, due
+    now, as a smtpguard that stopped before sending them leaves them."""
+    directory.mkdir(mode=0o700)
+    clock = Clock()
+    clock.advance(time.time())
+    outbox = Outbox(clock, str(directory), MemoryNextHop())
+    for index, recipient in enumerate(recipients):
+        message = f"From: <postmaster@example.com>\r\nTo: <{recipient}>\r\nSubject: notice {index}\r\n\r\nx\r\n"
+        outbox.add(recipient, message.encode(), "admin", f"T{index}")
+
+
+def wait_until_empty(directory: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(directory.glob("*.notice")):
+        if time.monotonic() > deadline:
+            pytest.fail(f"notices still in {directory} after {timeout} s: {sorted(directory.iterdir())}")
+        time.sleep(0.05)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_send_each_queued_notice_once(
+    tmp_path: Path, smtpguard: Starter, strict_hop: StrictHop
+) -> None:
+    """Ten notices wait in the outbox both workers load at start.  The strict next
+    hop holds its final reply until two notices are at that point at once (one
+    per worker: each sends one at a time), then answers the first with 451 and
+    every other with 250.  Each notice is queued by the hop exactly once, the
+    refused one too, which one of the workers tried again after retry_initial;
+    the outbox is left empty."""
+    outbox = tmp_path / "outbox"
+    recipients = [f"n{index}@example.org" for index in range(10)]
+    queue_notices(outbox, recipients)
+    config = tmp_path / "notices.toml"
+    config.write_text(f'[notifications]\noutbox = "{outbox}"\nretry_initial = 1\n', encoding="utf-8")
+    strict_hop.gates.end_of_data.close()
+
+    await threads.deferToThread(start, smtpguard, strict_hop.endpoint, "--config", str(config))
+    await strict_hop.gates.end_of_data.wait(2)
+    strict_hop.final_reply = Reply(451, "4.3.0", "Try again later")
+    strict_hop.gates.end_of_data.release(1)
+    strict_hop.final_reply = None
+    strict_hop.gates.end_of_data.open()
+    # A notice's file is removed after the hop's 250: once none is left, no
+    # delivery is under way.
+    await threads.deferToThread(wait_until_empty, outbox)
+
+    assert sorted(message.recipients for message in strict_hop.queued) == [(r,) for r in recipients]
+    assert [message.sender for message in strict_hop.queued] == [""] * len(recipients)
+    [refused] = strict_hop.refused
+    assert refused.recipients[0] in recipients

@@ -5,10 +5,18 @@ with exponential backoff until it is accepted, refused for good, or too old.
 A notice is one file, ``<id>.notice``: a line of JSON (recipient, attempts, times)
 then the message bytes.  Every write goes to a hidden temporary file that is
 synced and renamed over the old one, so a crash leaves the old file or the new.
+
+Several processes (smtpguard's workers) may share one directory: an attempt holds
+an exclusive ``flock`` on the notice's file from before it reads it until after it
+has rewritten or removed it, and reads the file's state again once it holds it, so
+each attempt is one process's and none repeats one that another has made.  The
+kernel lets go of a dead process's locks, and every process looks through the
+directory again now and then, so no notice depends on the process that queued it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -44,7 +52,8 @@ class Outcome(Enum):
     RETRY = "retry"  # 4xx or no connection: stays, tried again later
     DROPPED = "dropped"  # 5xx: gone, logged
     EXPIRED = "expired"  # older than max_age: gone, logged
-    LOST = "lost"  # its file vanished or cannot be read: forgotten, logged
+    LOST = "lost"  # its file cannot be read: forgotten, logged
+    GONE = "gone"  # its file went away (another process sent it or gave it up): forgotten
 
 
 @attrs.frozen
@@ -89,6 +98,42 @@ class QueuedNotice:
         return notice
 
 
+def _open_locked(path: str) -> int | None:
+    """A read-only descriptor of ``path`` holding its exclusive flock; None when
+    another process holds it.  Raises FileNotFoundError when ``path`` is gone."""
+    while True:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The holder may have replaced or removed the file before letting go:
+            # the lock is then on a file no longer at ``path``.
+            if os.path.samestat(os.fstat(descriptor), os.stat(path)):
+                return descriptor
+        except BlockingIOError:
+            os.close(descriptor)
+            return None
+        except BaseException:
+            os.close(descriptor)
+            raise
+        os.close(descriptor)
+
+
+def _create_locked(path: str) -> int:
+    """``path`` created (or truncated) for writing, holding its exclusive flock."""
+    while True:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            # Held at most for an instant, by a process removing it as abandoned;
+            # if that process removed it, it is created again.
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            if os.fstat(descriptor).st_nlink:
+                return descriptor
+        except BaseException:
+            os.close(descriptor)
+            raise
+        os.close(descriptor)
+
+
 def _fsync_directory(directory: str) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
@@ -103,7 +148,9 @@ class Outbox:
 
     ``add`` writes synchronously and raises OSError when it cannot; delivery runs
     between :meth:`start` and :meth:`stop`, driven by ``reactor.callLater``.
-    ``report`` hears of each notice queued, sent and given up.
+    ``report`` hears of each notice queued, sent and given up.  Every ``rescan``
+    seconds the directory is looked through again for the notices other
+    processes queued and for those they have ended.
     """
 
     def __init__(
@@ -114,6 +161,7 @@ class Outbox:
         retry: RetrySettings = RetrySettings(),
         hostname: str = "localhost",
         report: Report = ignore,
+        rescan: float = 60.0,
     ) -> None:
         verifyObject(INextHop, next_hop)
         self._report = report
@@ -121,12 +169,16 @@ class Outbox:
         self.directory = directory
         self._next_hop = next_hop
         self._retry = retry
+        self._rescan = rescan
         # Who the next hop hears about (XFORWARD): this host, which wrote the notice,
         # so SOURCE=LOCAL (XFORWARD_README).
         self._client = Client("127.0.0.1", 0, helo=hostname, hostname=hostname, source="LOCAL")
         self._queued: dict[str, QueuedNotice] = {}
         self._started = False
         self._timer: IDelayedCall | None = None
+        self._rescanning: IDelayedCall | None = None
+        # Files this process ended but could not remove or set aside: not loaded again.
+        self._left: set[str] = set()
         self._busy: Deferred[None] | None = None
         self._stopping: list[Deferred[None]] = []
         self._watchers: dict[str, list[Deferred[Outcome]]] = {}
@@ -178,15 +230,10 @@ class Outbox:
         """Create the directory if needed, load every notice in it and start
         delivering.  Raises OSError when the directory is unusable."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        for name in sorted(os.listdir(self.directory)):
-            path = os.path.join(self.directory, name)
-            if name.startswith(".") and name.endswith(".tmp"):
-                # A write that a crash interrupted: its notice was never reported queued.
-                self._remove_path(path)
-            elif name.endswith(SUFFIX):
-                self._load(path)
+        self._scan()
         self._started = True
         log.info("outbox {dir}: {n} notice(s) waiting", dir=self.directory, n=len(self._queued))
+        self._rescanning = self._reactor.callLater(self._rescan, self._rescan_now)
         self._schedule()
 
     def stop(self) -> Deferred[None]:
@@ -194,16 +241,60 @@ class Outbox:
         Notices stay on disk for the next start."""
         self._started = False
         self._cancel_timer()
+        if self._rescanning is not None and self._rescanning.active():
+            self._rescanning.cancel()
+        self._rescanning = None
         if self._busy is None:
             return defer.succeed(None)
         waiting: Deferred[None] = Deferred()
         self._stopping.append(waiting)
         return waiting
 
+    def _rescan_now(self) -> None:
+        self._rescanning = self._reactor.callLater(self._rescan, self._rescan_now)
+        try:
+            self._scan()
+        except OSError as error:
+            log.error("outbox {dir}: cannot look through it: {error}", dir=self.directory, error=error)
+        self._schedule()
+
+    def _scan(self) -> None:
+        """Load the notices not known yet, forget those whose file is gone, and
+        remove the temporary files of writes a crash interrupted."""
+        names = sorted(os.listdir(self.directory))
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if name.startswith(".") and name.endswith(".tmp"):
+                self._remove_abandoned(path)
+            elif name.endswith(SUFFIX) and name[: -len(SUFFIX)] not in self._queued and name not in self._left:
+                self._load(path)
+        present = set(names)
+        for notice in list(self._queued.values()):
+            if notice.id + SUFFIX not in present:
+                self._forget(notice)
+
+    def _remove_abandoned(self, path: str) -> None:
+        # A write under way holds its temporary file's lock; one that a crash
+        # interrupted holds none, and its notice was never reported queued.
+        try:
+            descriptor = _open_locked(path)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            log.critical("outbox: cannot remove {path}: {error}", path=path, error=error)
+            return
+        if descriptor is not None:
+            try:
+                self._remove_path(path)
+            finally:
+                os.close(descriptor)
+
     def _load(self, path: str) -> None:
         try:
             with open(path, "rb") as file:
                 notice = QueuedNotice.parse(file.readline())
+        except FileNotFoundError:
+            return  # ended by another process since the directory was listed
         except OSError as error:
             log.critical("outbox: cannot read {path}: {error}", path=path, error=error)
             return
@@ -217,10 +308,26 @@ class Outbox:
             return
         self._queued[notice.id] = notice
 
+    def _forget(self, notice: QueuedNotice) -> None:
+        """``notice``'s file is gone: another process sent it or gave it up (and
+        logged it), or someone removed it."""
+        self._queued.pop(notice.id, None)
+        log.info(
+            "{tid}: {kind} notice {id} to <{rcpt}> is no longer in the outbox (ended by another process); forgotten",
+            tid=notice.transaction_id,
+            kind=notice.kind,
+            id=notice.id,
+            rcpt=notice.recipient,
+        )
+        self._tell(notice.id, Outcome.GONE)
+
     def _rename_corrupt(self, path: str) -> None:
         try:
             os.replace(path, path + ".corrupt")
+        except FileNotFoundError:
+            pass  # another process set it aside first
         except OSError as error:
+            self._left.add(os.path.basename(path))
             log.critical("outbox: cannot rename {path}: {error}", path=path, error=error)
 
     def _cancel_timer(self) -> None:
@@ -267,15 +374,55 @@ class Outbox:
         self._schedule()
 
     async def _attempt(self, notice: QueuedNotice) -> None:
+        claimed = self._claim(notice)
+        if claimed is None:
+            return
+        descriptor, notice, message = claimed
+        try:
+            await self._deliver(notice, message)
+        finally:
+            os.close(descriptor)  # after the file was rewritten or removed
+
+    def _claim(self, notice: QueuedNotice) -> tuple[int, QueuedNotice, bytes] | None:
+        """The locked file of ``notice``, its state as on disk and its message;
+        None when this process is not to attempt it now: another holds it (it is
+        tried again after ``rescan`` seconds), ended it, or deferred it."""
+        path = self._path(notice.id)
+        try:
+            descriptor = _open_locked(path)
+        except FileNotFoundError:
+            self._forget(notice)
+            return None
+        except OSError as error:
+            self._lost(notice, error)
+            return None
+        if descriptor is None:
+            self._queued[notice.id] = attrs.evolve(notice, next_attempt=self._reactor.seconds() + self._rescan)
+            return None
+        try:
+            with open(descriptor, "rb", closefd=False) as file:
+                saved = QueuedNotice.parse(file.readline())
+                message = file.read()
+        except (OSError, ValueError, TypeError) as error:
+            os.close(descriptor)
+            self._lost(notice, error)
+            return None
+        if saved.attempts > notice.attempts:
+            # Attempted by another process since this one read it.
+            notice = self._queued[notice.id] = saved
+        if notice.next_attempt > self._reactor.seconds():
+            os.close(descriptor)
+            return None
+        return descriptor, notice, message
+
+    def _lost(self, notice: QueuedNotice, error: Exception) -> None:
+        log.critical("outbox: notice {id} unreadable: {error}; forgotten", id=notice.id, error=error)
+        self._finish(notice, Outcome.LOST, str(error), notice.attempts, remove=False)
+
+    async def _deliver(self, notice: QueuedNotice, message: bytes) -> None:
         # Past its age already (loaded after a long stop): not even one more try.
         if self._reactor.seconds() > notice.created + self._retry.max_age:
             self._finish(notice, Outcome.EXPIRED, "older than max_age", notice.attempts)
-            return
-        try:
-            message = self._read(notice)
-        except OSError as error:
-            log.critical("outbox: notice {id} unreadable: {error}; forgotten", id=notice.id, error=error)
-            self._finish(notice, Outcome.LOST, str(error), notice.attempts, remove=False)
             return
         reply = await self._send(notice, message)
         said = f"{reply.code} {reply.enhanced} {reply.text}".replace("  ", " ").strip()
@@ -340,8 +487,8 @@ class Outbox:
 
     def _finish(self, notice: QueuedNotice, outcome: Outcome, said: str, attempts: int, remove: bool = True) -> None:
         self._queued.pop(notice.id, None)
-        if remove:
-            self._remove_path(self._path(notice.id))
+        if not (remove and self._remove_path(self._path(notice.id))):
+            self._left.add(notice.id + SUFFIX)
         emit: Callable[..., None] = log.info if outcome is Outcome.DELIVERED else log.error
         emit(
             "{tid}: {kind} notice {id} to <{rcpt}> {outcome} after {n} attempt(s): {said}",
@@ -370,29 +517,29 @@ class Outbox:
 
     def _write(self, notice: QueuedNotice, message: bytes) -> None:
         temporary = os.path.join(self.directory, f".{notice.id}.tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        descriptor = _create_locked(temporary)
         try:
+            # Renamed while still locked, so that no other process takes it for
+            # an abandoned write.
             with os.fdopen(descriptor, "wb") as file:
                 file.write(notice.header())
                 file.write(message)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(temporary, self._path(notice.id))
+                os.replace(temporary, self._path(notice.id))
         except BaseException:
             self._remove_path(temporary)
             raise
         _fsync_directory(self.directory)
 
-    def _read(self, notice: QueuedNotice) -> bytes:
-        with open(self._path(notice.id), "rb") as file:
-            file.readline()
-            return file.read()
-
     @staticmethod
-    def _remove_path(path: str) -> None:
+    def _remove_path(path: str) -> bool:
+        """Whether ``path`` is gone now."""
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as error:
             log.critical("outbox: cannot remove {path}: {error}", path=path, error=error)
+            return False
+        return True
