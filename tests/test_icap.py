@@ -26,7 +26,7 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -484,6 +484,26 @@ def test_plugin_builds_from_endpoint_and_service() -> None:
     assert built._service.uri == "icap://127.0.0.1:1345/srv_clamav" and not built._use_preview
 
 
+@pytest.mark.parametrize(("config", "keep_time"), [({}, 10.0), ({"keep_time": 2.5}, 2.5)])
+def test_plugin_reads_keep_time(config: dict[str, Any], keep_time: float) -> None:
+    """``keep_time`` (10 s unless set) is how long an idle connection is kept."""
+    clock = MemoryReactorClock()
+    icap = icap_plugin.build({"url": "icap://127.0.0.1:1344/avscan", **config}, clock)
+    assert isinstance(icap, IcapScanner)
+    scanning = scan(icap, b"")
+    [(host, port, factory, *_)] = clock.tcpClients
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(options_response())
+    protocol.dataReceived(NO_CONTENT)
+    assert result_of(scanning) == clean() and (host, port) == ("127.0.0.1", 1344)
+    clock.advance(keep_time - 0.1)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting
+
+
 @pytest.mark.parametrize(
     ("config", "error"),
     [
@@ -496,6 +516,7 @@ def test_plugin_builds_from_endpoint_and_service() -> None:
         ({"endpoint": "bogus:1"}, "endpoint: bad client endpoint 'bogus:1'"),
         ({"endpoint": "tcp:h:1", "service": "a\r\nX: y"}, "service: the service must be printable ASCII"),
         ({"url": "icap://h/a", "timeout": 0}, "timeout: must be greater than 0, got 0.0"),
+        ({"url": "icap://h/a", "keep_time": 0}, "keep_time: must be greater than 0, got 0.0"),
         ({"url": "icap://h/a", "preview": -1}, "preview: expected a number of bytes (0 or more) or false, got -1"),
         ({"url": "icap://h/a", "preview": True}, "preview: expected a number of bytes (0 or more) or false, got True"),
         ({"url": "icap://h/a", "previews": 1}, "previews: unknown key"),
@@ -740,7 +761,9 @@ def test_answer_while_streaming_stops_sending_and_closes_the_connection() -> Non
 
 
 def test_options_are_cached_for_their_ttl_then_asked_again() -> None:
-    """Options-TTL: 300 means no OPTIONS for 300 s; the first scan after that asks again."""
+    """Options-TTL: 300 means no OPTIONS for 300 s; the first scan after that asks again.
+    (The first connection was closed idle after 10 s: the second scan connects
+    again, the third reuses that connection.)"""
     icap, endpoint, clock, scanning = ready(preview=1024)
     endpoint.sent()
     endpoint.answer(NO_CONTENT)
@@ -759,7 +782,7 @@ def test_options_are_cached_for_their_ttl_then_asked_again() -> None:
     assert endpoint.sent().startswith(b"RESPMOD ")
     endpoint.answer(NO_CONTENT)
     assert result_of(third) == clean()
-    assert icap.options_fetched == 2 and endpoint.attempts == 1
+    assert icap.options_fetched == 2 and endpoint.attempts == 2
 
 
 def test_options_without_ttl_never_expire() -> None:
@@ -862,6 +885,35 @@ def test_connection_given_back_after_close_is_closed_not_kept() -> None:
     endpoint.answer(NO_CONTENT)
     assert result_of(scanning) == clean()
     assert endpoint.transport.disconnecting and icap.pool.idle == 0
+
+
+def test_idle_connection_is_closed_after_keep_time() -> None:
+    """An idle connection is closed (not aborted) once it has waited ``keep_time``
+    seconds, not a moment before; the next scan connects again."""
+    endpoint = FakeEndpoint()
+    icap, clock = scanner(endpoint, keep_time=5)
+    scanning = scan(icap, b"0123")
+    endpoint.answer(options_response(preview=1024))
+    endpoint.answer(NO_CONTENT)
+    assert result_of(scanning) == clean()
+    clock.advance(4.9)
+    assert not endpoint.transport.disconnecting and icap.pool.idle == 1
+    clock.advance(0.1)
+    assert endpoint.transport.disconnecting and not endpoint.transport.disconnected
+    assert icap.pool.idle == 0 and clock.getDelayedCalls() == []
+    endpoint.sent()
+    scan(icap, b"next")
+    assert endpoint.attempts == 2 and endpoint.sent().startswith(b"RESPMOD ")
+
+
+def test_close_leaves_no_timer() -> None:
+    """Closing the scanner stops the idle connection's timer with the connection."""
+    icap, endpoint, clock, scanning = ready(preview=1024)
+    endpoint.answer(NO_CONTENT)
+    result_of(scanning)
+    assert len(clock.getDelayedCalls()) == 1
+    icap.close()
+    assert clock.getDelayedCalls() == [] and endpoint.transport.disconnecting
 
 
 def test_icap_scanner_sets_no_size_limit() -> None:
@@ -1065,15 +1117,21 @@ def real(built: list[IcapScanner], **config: Any) -> IcapScanner:
 
 @implementer(IStreamClientEndpoint)
 class CountingEndpoint:
-    """A real endpoint that counts the connections made through it."""
+    """A real endpoint that counts the connections made through it (and keeps
+    the protocols connected)."""
 
     def __init__(self, description: str) -> None:
         self._endpoint = clientFromString(reactor, description)
         self.connections = 0
+        self.protocols: list[Protocol] = []
 
     def connect(self, factory: Factory) -> Deferred[Protocol]:
         self.connections += 1
-        return self._endpoint.connect(factory)
+        return self._endpoint.connect(factory).addCallback(self._connected)
+
+    def _connected(self, protocol: Protocol) -> Protocol:
+        self.protocols.append(protocol)
+        return protocol
 
 
 def mail(body: str = "Hello Bob.", attachment: tuple[bytes, str, str, str] | None = None) -> bytes:
@@ -1194,6 +1252,23 @@ async def test_real_scans_share_one_persistent_connection(cicap: CIcap, built: l
         ["RESPMOD", "avscan", "204"],
         ["RESPMOD", "avscan", "200"],
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_idle_connection_is_closed_after_keep_time(cicap: CIcap, built: list[IcapScanner]) -> None:
+    """smtpguard closes a connection idle for ``keep_time`` (long before c-icap's
+    KeepAliveTimeout of 60 s); the next scan gets its verdict over a new one."""
+    endpoint = CountingEndpoint(cicap.endpoint)
+    icap = IcapScanner(reactor, endpoint, parse_url(cicap.url)[1], timeout=20, keep_time=0.2)
+    built.append(icap)
+    assert await icap.scan(message(mail()), ENVELOPE) == clean()
+    [connection] = endpoint.protocols
+    assert isinstance(connection, IcapConnection) and icap.pool.idle == 1
+    await connection.gone.addTimeout(10, reactor)
+    assert connection.transport is not None and connection.transport.disconnecting  # closed on our side
+    assert icap.pool.idle == 0
+    assert await icap.scan(message(CLEAN + EICAR + b"\r\n"), ENVELOPE) == infected(CLAMD_EICAR)
+    assert endpoint.connections == 2
 
 
 @pytest_twisted.ensureDeferred

@@ -22,6 +22,7 @@ from tests.icap_engine import CIcap
 HEALTH_CHECK_INTERVAL = 600.0
 KEEP_TIME = 900.0
 CLAMD_KEEP_TIME = 1200.0
+ICAP_KEEP_TIME = 1500.0
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ async def test_stopping_releases_scanners_and_next_hop_connections(
                 "keep_time": CLAMD_KEEP_TIME,
                 "timeout": 20,
             },
-            {"type": "icap", "url": cicap.url, "timeout": 20},
+            {"type": "icap", "url": cicap.url, "timeout": 20, "keep_time": ICAP_KEEP_TIME},
         ],
     }
     before = reactor_state()
@@ -83,7 +84,12 @@ async def test_stopping_releases_scanners_and_next_hop_connections(
     assert len(listener.factory.next_hop.kept) == 1
     calls, readers, _ = added(before)
     now = reactor.seconds()
-    assert {round(call.getTime() - now, -2) for call in calls} == {HEALTH_CHECK_INTERVAL, KEEP_TIME, CLAMD_KEEP_TIME}
+    assert {round(call.getTime() - now, -2) for call in calls} == {
+        HEALTH_CHECK_INTERVAL,
+        KEEP_TIME,
+        CLAMD_KEEP_TIME,
+        ICAP_KEEP_TIME,
+    }
     assert len(readers) == 4  # the listening port, the idle clamd, ICAP and next-hop connections
 
     await service.stopService()

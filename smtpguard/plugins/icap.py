@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet.endpoints import clientFromString
 
 from smtpguard.registry import ScannerPlugin
-from smtpguard.scanners.icap import IcapScanner
+from smtpguard.scanners.icap import KEEP_TIME, IcapScanner
 from smtpguard.scanners.icap_protocol import Service, endpoint_service, parse_url
 from smtpguard.scanners.optional import largest_message
 from smtpguard.tables import options
@@ -44,6 +44,7 @@ def _build(config: Mapping[str, Any], reactor: Any) -> IcapScanner:
     except Exception as error:
         raise table.error(key, f"bad client endpoint {description!r}: {error}") from None
     timeout = table.positive("timeout", float, DEFAULT_TIMEOUT)
+    keep_time = table.positive("keep_time", float, KEEP_TIME)
     # preview: absent = the server's Preview size, a number = that size, false = none.
     preview: object = table.get("preview", object, None)
     size = preview if isinstance(preview, int) and not isinstance(preview, bool) and preview >= 0 else None
@@ -58,6 +59,7 @@ def _build(config: Mapping[str, Any], reactor: Any) -> IcapScanner:
         timeout=timeout,
         preview=size,
         use_preview=preview is not False,
+        keep_time=keep_time,
         largest_message=largest,
     )
 

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
 from twisted.internet import error, interfaces
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from smtpguard.envelope import Envelope
 from smtpguard.interfaces import IClosable, IHealthReporting, IScanner
+from smtpguard.keptpool import Kept
 from smtpguard.results import ErrorKind, ScanResult, SizeLimit, Verdict
 from smtpguard.scanners.deadline import with_deadline
 from smtpguard.scanners.icap_protocol import (
@@ -43,6 +44,7 @@ log = Logger()
 
 STREAM_CHUNK = 256 * 1024
 POOL_SIZE = 4
+KEEP_TIME = 10.0  # seconds an idle connection is kept, as for clamd; far below c-icap's KeepAliveTimeout (600 s)
 
 
 class IcapError(Exception):
@@ -108,8 +110,7 @@ class IcapConnection(Protocol):
     idle, a protocol error) closes it.
     """
 
-    def __init__(self, lost: Callable[[IcapConnection], None] = lambda connection: None) -> None:
-        self._lost = lost
+    def __init__(self) -> None:
         self._parser = ResponseParser()
         self._responses: deque[IcapResponse] = deque()
         self._waiter: Deferred[IcapResponse] | None = None
@@ -119,6 +120,8 @@ class IcapConnection(Protocol):
         self.received = False  # any byte of the current exchange
         self.interrupted = False
         self.gone: Deferred[None] = Deferred()  # fires once the connection is closed
+        # Told when the connection is gone (by the pool that keeps it idle).
+        self.when_lost: Callable[[IcapConnection], None] | None = None
 
     @property
     def usable(self) -> bool:
@@ -191,7 +194,8 @@ class IcapConnection(Protocol):
         if self._producer is not None:
             self._producer.finish(reason)
         self._deliver()
-        self._lost(self)
+        if self.when_lost is not None:
+            self.when_lost(self)
         self.gone.callback(None)
 
     def send(self, data: bytes) -> None:
@@ -241,41 +245,35 @@ class IcapConnection(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
-class _ConnectionFactory(Factory):
-    noisy = False
-
-    def __init__(self, lost: Callable[[IcapConnection], None]) -> None:
-        self._lost = lost
-
-    def buildProtocol(self, addr: Any) -> IcapConnection:
-        connection = IcapConnection(self._lost)
-        connection.factory = self
-        return connection
-
-
 class ConnectionPool:
-    """Up to ``size`` idle connections kept for the next requests."""
+    """Connects to the server, and keeps up to ``size`` idle connections for the
+    next requests, each for at most ``keep_time`` seconds."""
 
-    def __init__(self, endpoint: interfaces.IStreamClientEndpoint, size: int = POOL_SIZE) -> None:
+    def __init__(
+        self,
+        reactor: interfaces.IReactorTime,
+        endpoint: interfaces.IStreamClientEndpoint,
+        size: int = POOL_SIZE,
+        keep_time: float = KEEP_TIME,
+    ) -> None:
         self._endpoint = endpoint
-        self._size = size
-        self._idle: list[IcapConnection] = []
-        self._factory = _ConnectionFactory(self._lost)
-        self._closed = False
+        self._factory = Factory.forProtocol(IcapConnection)
+        self._factory.noisy = False
+        self._kept: Kept[IcapConnection] = Kept(
+            reactor, size, keep_time, usable=_usable, let_go=IcapConnection.close, gone=_gone, watch=_watch
+        )
         self.connections_made = 0
 
     @property
     def idle(self) -> int:
-        return len(self._idle)
+        return len(self._kept)
 
     async def acquire(self, fresh: bool = False) -> tuple[IcapConnection, bool]:
         """A connection for one exchange, and whether it was used before."""
-        while self._idle and not fresh:
-            connection = self._idle.pop()  # the most recent: the least likely to have timed out
-            if connection.usable:
-                connection.begin()
-                return connection, True
-            connection.abort()
+        kept = None if fresh else self._kept.take()
+        if kept is not None:
+            kept.begin()
+            return kept, True
         try:
             connected = await self._endpoint.connect(self._factory)
         except error.ConnectingCancelledError:
@@ -288,8 +286,8 @@ class ConnectionPool:
 
     def release(self, connection: IcapConnection, keep: bool) -> None:
         connection.end()
-        if keep and connection.usable and len(self._idle) < self._size and not self._closed:
-            self._idle.append(connection)
+        if keep:
+            self._kept.give(connection)
         else:
             connection.close()
 
@@ -297,18 +295,22 @@ class ConnectionPool:
         connection.end()
         connection.abort()
 
-    def _lost(self, connection: IcapConnection) -> None:
-        if connection in self._idle:
-            self._idle.remove(connection)
-
     def close(self) -> Deferred[None]:
         """Close the idle connections, and from now on every connection given back;
         fires once the idle ones are closed."""
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
-        return gatherResults([connection.gone for connection in idle]).addCallback(lambda _: None)
+        return self._kept.close()
+
+
+def _usable(connection: IcapConnection) -> bool:
+    return connection.usable
+
+
+def _gone(connection: IcapConnection) -> Deferred[None]:
+    return connection.gone
+
+
+def _watch(connection: IcapConnection, told: Callable[[IcapConnection], None] | None) -> None:
+    connection.when_lost = told
 
 
 # -- the scanner ----------------------------------------------------------------------
@@ -350,8 +352,9 @@ class IcapScanner:
 
     ``preview`` replaces the server's Preview size; ``use_preview=False`` sends
     every message whole without a preview.  ``timeout`` is the hard deadline of
-    one scan, OPTIONS included.  A message over ``largest_message`` bytes is not
-    sent: the server would not scan it.
+    one scan, OPTIONS included.  Up to ``pool_size`` idle connections are kept,
+    each for ``keep_time`` seconds.  A message over ``largest_message`` bytes is
+    not sent: the server would not scan it.
     """
 
     def __init__(
@@ -363,6 +366,7 @@ class IcapScanner:
         preview: int | None = None,
         use_preview: bool = True,
         pool_size: int = POOL_SIZE,
+        keep_time: float = KEEP_TIME,
         name: str = "icap",
         largest_message: int | None = None,
     ) -> None:
@@ -373,7 +377,7 @@ class IcapScanner:
         self._use_preview = use_preview
         self._largest_message = largest_message
         self.name = name
-        self.pool = ConnectionPool(endpoint, pool_size)
+        self.pool = ConnectionPool(reactor, endpoint, pool_size, keep_time)
         self._options: ServiceOptions | None = None
         self._expires: float | None = None
         self._waiting: list[Deferred[ServiceOptions]] = []
