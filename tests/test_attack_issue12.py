@@ -9,6 +9,7 @@ import signal
 import smtplib
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -256,3 +257,53 @@ def test_readyz_asked_during_a_reload_does_not_report_the_scanner_down(
 
     assert answers == [(200, "ready\n")]
     assert get(metrics, "/readyz") == (200, "ready\n")
+
+
+def resident_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text(encoding="ascii")
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
+def settled_resident_kib(pid: int) -> int:
+    """The process's resident size once two readings half a second apart agree
+    within 1 MiB (it has done what it was given)."""
+    last = resident_kib(pid)
+    for _ in range(60):
+        time.sleep(0.5)
+        now = resident_kib(pid)
+        if abs(now - last) < 1024:
+            return now
+        last = now
+    return last
+
+
+def test_pipelined_scrapes_that_are_never_read_do_not_grow_memory(
+    tmp_path: Path, smtpguard: Starter, smtp_sink: SmtpSink
+) -> None:
+    """One HTTP client pipelines ``GET /metrics`` requests on one connection as
+    fast as smtpguard takes them and never reads an answer: smtpguard must stop
+    taking requests once its answers wait unread, so its resident memory grows by
+    less than 64 MiB.  Today it renders an answer (3.6 KB) for every request it
+    has buffered, in the reactor that serves mail, and keeps them all: about
+    250 MB per such connection, with no limit on connections."""
+    port, metrics = free_port(), free_port()
+    config = tmp_path / "smtpguard.toml"
+    write_config(config, port, metrics, smtp_sink.endpoint)
+    running = smtpguard(LAUNCHERS["twistd"], "--config", str(config), port=port)
+    assert get(metrics, "/metrics")[0] == 200
+    before = settled_resident_kib(running.process.pid)
+
+    requests = b"GET /metrics HTTP/1.1\r\nHost: guard.test\r\n\r\n" * 1000
+    with socket.socket() as connection:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        connection.connect(("127.0.0.1", metrics))
+        connection.settimeout(2)
+        sent = 0
+        try:
+            while sent < 16 * 1024 * 1024:
+                sent += connection.send(requests)
+        except TimeoutError:
+            pass  # smtpguard stopped reading
+        after = settled_resident_kib(running.process.pid)
+
+    assert after - before < 64 * 1024
