@@ -21,6 +21,8 @@ class Event(Enum):
     NOTICE_FAILED = "notice-failed"  # given up: (kind, outcome: dropped, expired, lost)
     QUARANTINE_STORED = "quarantine-stored"  # ()
     QUARANTINE_RELEASED = "quarantine-released"  # ()
+    # An end of data answered before the scan (too big, the spool failed): (reply class)
+    MESSAGE_REFUSED = "message-refused"
 
 
 class Report(Protocol):

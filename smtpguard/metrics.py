@@ -120,6 +120,7 @@ class Metrics:
             Event.NOTICE_FAILED: self.notices_failed,
             Event.QUARANTINE_STORED: self.quarantine_stored,
             Event.QUARANTINE_RELEASED: self.quarantine_released,
+            Event.MESSAGE_REFUSED: self.replies,
         }
         registry.register(_Live(self))
 

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols import policies
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -108,13 +109,45 @@ def answer_later(request: Request, answering: Deferred[bytes]) -> Any:
     return NOT_DONE_YET
 
 
+# Connections at once, and the seconds one may stay quiet: a prober or scraper
+# needs one for a moment, and what it does not take is the mail's.
+CONNECTIONS = 32
+IDLE_TIMEOUT = 30.0
+
+
+class _OneRequest(Request):
+    """Answers one request per connection: a client that pipelines requests and
+    never reads the answers holds one answer, not one per request."""
+
+    def process(self) -> None:
+        self.channel.persistent = False
+        self.setHeader(b"Connection", b"close")  # type: ignore[no-untyped-call]
+        super().process()  # type: ignore[no-untyped-call]
+
+
 class _QuietSite(Site):
     """A scrape every few seconds is no news: no access log line each."""
 
     noisy = False
+    requestFactory = _OneRequest
 
     def log(self, request: http.Request) -> None:
         pass
+
+
+class _Limited(policies.WrappingFactory):
+    """At most ``limit`` connections at once; more are closed at once."""
+
+    noisy = False
+
+    def __init__(self, factory: Site, limit: int) -> None:
+        super().__init__(factory)  # type: ignore[no-untyped-call]
+        self._limit = limit
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self._limit:
+            return None
+        return super().buildProtocol(addr)
 
 
 def site(metrics: Resource, readiness: ReadinessCheck) -> Site:
@@ -123,11 +156,17 @@ def site(metrics: Resource, readiness: ReadinessCheck) -> Site:
     root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", HealthPage())  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", ReadyPage(readiness))
-    return _QuietSite(root)  # type: ignore[no-untyped-call]
+    return _QuietSite(root, timeout=IDLE_TIMEOUT)  # type: ignore[no-untyped-call]
+
+
+def limited(site: Site) -> _Limited:
+    """``site``, served to at most :data:`CONNECTIONS` clients at once."""
+    return _Limited(site, CONNECTIONS)
 
 
 def monitoring_service(description: str, reactor: Any, metrics: Metrics) -> Listening:
     """The service serving ``site`` on the server endpoint ``description``
     (already checked by the configuration)."""
     readiness = Readiness(reactor, lambda: metrics.watched)
-    return Listening(description, serverFromString(reactor, description), site(registry_page(metrics), readiness))
+    served = limited(site(registry_page(metrics), readiness))
+    return Listening(description, serverFromString(reactor, description), served)

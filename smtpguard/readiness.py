@@ -13,6 +13,8 @@ from smtpguard.scanners.optional import check, health
 # A next hop that nothing tried to reach for this long is probed rather than
 # assumed to be as it was.
 RECENT = 30.0
+# How many scanners one answer asks at most, while reloads replace them.
+_CHECKS = 3
 
 
 class Readiness:
@@ -29,7 +31,15 @@ class Readiness:
         parts: Watched = self._watched()
         if parts.scanner is None:
             return self._ready(parts)
-        return check(parts.scanner).addCallback(lambda _: self._ready(parts))
+        return check(parts.scanner).addCallback(self._checked, parts.scanner, 1)
+
+    def _checked(self, _: object, scanner: Any, checks: int) -> Deferred[str]:
+        parts: Watched = self._watched()
+        # A reload while the engines were asked closes the scanner they were
+        # asked for (its PINGs cancelled): the answer is the new scanner's.
+        if parts.scanner is not None and parts.scanner is not scanner and checks < _CHECKS:
+            return check(parts.scanner).addCallback(self._checked, parts.scanner, checks + 1)
+        return self._ready(parts)
 
     def _ready(self, parts: Watched) -> Deferred[str]:
         idle = [listener for listener, factory in parts.listeners.items() if factory.numPorts < 1]

@@ -719,10 +719,10 @@ class ESMTPServer(Protocol):
         try:
             message = spool.finish()
         except SpoolFull:
-            return self._then(self._reset_transaction(), replies.MESSAGE_TOO_BIG)
+            return self._refuse_message(replies.MESSAGE_TOO_BIG)
         except OSError as error:
             log.error("spool write failed: {error}", error=error)
-            return self._then(self._reset_transaction(), replies.SPOOL_UNAVAILABLE)
+            return self._refuse_message(replies.SPOOL_UNAVAILABLE)
         self._envelope = None
         self._forwarded = None  # XFORWARD_README: "At the end of each MAIL FROM transaction (i.e. RSET or DOT)"
 
@@ -732,6 +732,11 @@ class ESMTPServer(Protocol):
 
         receiving = self.factory.reactor.seconds() - self._receiving_since
         return self.setup.process(envelope, message, relay, self._transaction_id, receiving).addBoth(done)
+
+    def _refuse_message(self, reply: Reply) -> Reply | Deferred[Reply]:
+        """``reply`` to an end of data the scanners never saw."""
+        self.factory.report(Event.MESSAGE_REFUSED, f"{reply.code // 100}xx")
+        return self._then(self._reset_transaction(), reply)
 
     def _new_spool(self) -> Spool:
         self._receiving_since = self.factory.reactor.seconds()

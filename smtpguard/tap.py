@@ -7,6 +7,7 @@ reactor and add the returned service to your application.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from smtpguard.registry import build_policy, build_scanner
 from smtpguard.reload import Generation, ReloadOnSignal, restart_needed
 from smtpguard.scanners.chain import AllScanners
 from smtpguard.scanners.optional import close, release, size_limit
+from smtpguard.sdnotify import NotifyReady
 from smtpguard.server import GuardFactory, Setup
 from smtpguard.tls import ServerTLS, TLSFileError
 from smtpguard.transactionlog import TransactionLogFile, check_writable, log_transaction
@@ -377,6 +379,12 @@ class GuardService(service.MultiService):
         if any(factory.draining for factory in self.factories):
             log.info("stopping: the configuration is not reloaded")
             return self.generation
+        for child in self:
+            # The transaction log's file, reopened as log rotation expects of a
+            # SIGHUP, whether or not the configuration can be put in force.
+            reopen = getattr(child, "reopen", None)
+            if callable(reopen):
+                reopen()
         try:
             if config is None:
                 if self._load is None:
@@ -394,13 +402,10 @@ class GuardService(service.MultiService):
         previous, self._loaded = self._loaded, loaded
         self._open.append(loaded.shared)
         retired = [factory.reconfigure(setup) for factory, setup in zip(self.factories, loaded.setups, strict=True)]
-        gatherResults(retired).addCallback(lambda _: self._close(previous.shared))
-        for child in self:
-            # The transaction log's file, reopened as log rotation expects of a SIGHUP.
-            reopen = getattr(child, "reopen", None)
-            if callable(reopen):
-                reopen()
+        # Monitoring looks at the new parts before the previous ones are closed:
+        # a health check under way on those then asks the new ones.
         generation = self._now(Generation(self.generation.number + 1, self._reactor.seconds()))
+        gatherResults(retired).addCallback(lambda _: self._close(previous.shared))
         log.info("{source}: configuration reloaded (generation {n})", source=config.source, n=generation.number)
         return generation
 
@@ -489,14 +494,23 @@ def build_service(
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
+    # Until the reload handler is in place (when the service starts), a SIGHUP
+    # (a `systemctl reload` just after the start) must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     try:
         if options["worker-number"] is not None or options["loaded"].workers > 1:
             from smtpguard import workers
 
-            return workers.make_service(options, reactor)
-        top = build_service(options["loaded"], reactor, options.load)
+            top: service.MultiService = workers.make_service(options, reactor)
+            if options["worker-number"] is not None:
+                return top  # its supervisor speaks for it to systemd
+        else:
+            guard = build_service(options["loaded"], reactor, options.load)
+            # Under twistd only: a program that embeds the service calls reload() itself.
+            ReloadOnSignal(reactor, guard.reload).setServiceParent(guard)  # type: ignore[no-untyped-call]
+            top = guard
     except ConfigError as error:
         raise SystemExit(f"smtpguard: {error}") from None
-    # Under twistd only: a program that embeds the service calls reload() itself.
-    ReloadOnSignal(reactor, top.reload).setServiceParent(top)  # type: ignore[no-untyped-call]
+    NotifyReady().setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

@@ -182,8 +182,12 @@ class TransactionLogFile(service.Service):
         file = _STDOUT if path == "-" else open(path, "a", encoding="utf-8")
         self._close()
         self._file = file
-        observe = jsonFileLogObserver if self._settings.format == "json" else textFileLogObserver
-        self._write = observe(file)
+        if self._settings.format == "json":
+            # One JSON object per line, without twisted's RS (0x1E) before each:
+            # what `json.loads` per line and most log shippers read.
+            self._write = jsonFileLogObserver(file, recordSeparator="")
+        else:
+            self._write = textFileLogObserver(file)
 
     def _close(self) -> None:
         file, self._file, self._write = self._file, None, None

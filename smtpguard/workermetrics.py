@@ -22,7 +22,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from smtpguard.listening import Listening
-from smtpguard.monitoring import MetricsPage, site
+from smtpguard.monitoring import MetricsPage, limited, site
 
 # A worker that takes longer is left out of the scrape: one stuck worker must
 # not make every scrape (or health check) of the machine time out.
@@ -230,4 +230,5 @@ class _Merged(Collector):
 def supervisor_monitoring(description: str, reactor: Any, metrics: WorkerMetrics) -> Listening:
     """The service serving the workers' merged ``/metrics``, the supervisor's
     ``/healthz`` and the workers' ``/readyz`` on ``description``."""
-    return Listening(description, serverFromString(reactor, description), site(MetricsPage(metrics.scrape), metrics))
+    served = limited(site(MetricsPage(metrics.scrape), metrics))
+    return Listening(description, serverFromString(reactor, description), served)

@@ -188,6 +188,9 @@ class WorkerProtocol(ProcessProtocol):
         self._publish = publish
         self._pending: dict[int, bytes] = {}
         self.ready = False  # listening, its SIGHUP handler in place
+        # A SIGHUP came while it was starting: it may have read the file before the
+        # change, so it gets the SIGHUP as soon as it can take one.
+        self.reload_pending = False
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         *lines, self._pending[childFD] = (self._pending.get(childFD, b"") + data).split(b"\n")
@@ -211,8 +214,16 @@ class WorkerProtocol(ProcessProtocol):
         system = event.get("log_system") or f"{namespace}#{getattr(level, 'name', '-')}"
         event["log_system"] = f"worker {self.number} {system}"
         event["smtpguard_worker"] = self.number
+        starting = not self.ready
         self.ready = self.ready or event.get("smtpguard_worker_ready") is True
         self._publish(event)
+        if starting and self.ready and self.reload_pending:
+            self.reload_pending = False
+            log.info("worker {number} ready: passing on the SIGHUP that came while it started", number=self.number)
+            try:
+                self.transport.signalProcess("HUP")  # type: ignore[union-attr]
+            except ProcessExitedAlready:
+                pass
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in sorted(self._pending.items()):
@@ -364,9 +375,12 @@ class Supervisor(service.Service):
         self._restarts[number] = self._reactor.callLater(delay, self._start, number)
 
     def reload(self) -> None:
-        """Pass SIGHUP on to every worker that is ready; one still starting reads
-        the configuration anyway, and SIGHUP would kill it before its handler is set."""
+        """Pass SIGHUP on to every worker that is ready, and to each one still
+        starting once it is (before, SIGHUP would kill it; and it may have read
+        the configuration before the change)."""
         ready = [worker for worker in self._workers.values() if worker.protocol.ready]
+        for worker in self._workers.values():
+            worker.protocol.reload_pending = not worker.protocol.ready
         log.info("SIGHUP: passing it on to {count} worker(s)", count=len(ready))
         self._signal("HUP", ready)
 
@@ -453,7 +467,9 @@ def supervisor_service(options: Any, reactor: Any) -> service.MultiService:
     config: Config = options["loaded"]
     # Everything a worker would refuse at start is refused here, once.
     build_service(config, reactor, listen=lambda listener, factory: service.Service())
-    command = WorkerCommand(sys.executable, tuple(options.arguments), os.getcwd(), dict(os.environ))
+    # The supervisor alone speaks to systemd (sd_notify): the workers are not its main process.
+    environment = {name: value for name, value in os.environ.items() if name != "NOTIFY_SOCKET"}
+    command = WorkerCommand(sys.executable, tuple(options.arguments), os.getcwd(), environment)
     top = service.MultiService()
     log_file = None
     if config.logging.file is not None:

@@ -398,6 +398,44 @@ def test_not_ready_while_the_scanner_cannot_scan() -> None:
     )
 
 
+class Asked(Reporting):
+    """A scanner whose engines answer a check when the test says: until then
+    the check is under way; a cancelled check leaves it down, as clamd's does."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, True)
+        self.asking: list[Deferred[None]] = []
+
+    def check(self) -> Deferred[None]:
+        self.asking.append(Deferred())
+        return self.asking[-1]
+
+    def closed(self) -> None:
+        self._health = Health(False, self._health.endpoints, f"{self.name}: PING failed: CancelledError()")
+        self.asking[-1].callback(None)
+
+
+def test_a_check_under_way_at_a_reload_is_answered_for_the_new_scanner() -> None:
+    """/readyz asks the scanner in force; a reload replaces it and closes the
+    old one, which fails the check under way: the answer is the new scanner's
+    (asked in turn), not the closed one's."""
+    from zope.interface import directlyProvides
+
+    from smtpguard.interfaces import IHealthReporting
+
+    old, new = Asked("old"), Asked("new")
+    for scanner in (old, new):
+        directlyProvides(scanner, IHealthReporting)
+    watched = Watched({LISTENER: Listening(1)}, old)  # type: ignore[dict-item]
+    answers: list[str] = []
+    Readiness(MemoryReactorClock(), lambda: watched).check().addCallback(answers.append)
+    watched = Watched({LISTENER: Listening(1)}, new)  # type: ignore[dict-item]
+    old.closed()
+    assert answers == [] and len(new.asking) == 1
+    new.asking[0].callback(None)
+    assert answers == [""]
+
+
 def at_1000_s(reachability: Reachability) -> tuple[MemoryReactorClock, Readiness]:
     """A reactor at 1000 s, and readiness for a listening listener and a next hop
     last reached as ``reachability`` says."""

@@ -5,6 +5,7 @@ and a socket handed over by systemd (through systemd-socket-activate) is served.
 from __future__ import annotations
 
 import re
+import signal
 import smtplib
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from smtpguard import config as configuration
 from smtpguard import replies
+from smtpguard.sdnotify import notify
 from tests.certificates import throwaway_certificate
 from tests.conftest import SmtpSink, free_port, require_program
 from tests.test_twistd import LAUNCHERS, REPO, TWISTD, Running, Starter, assert_relayed, environment, run, send
@@ -223,3 +225,59 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     result = run([analyze, "verify", "--man=no", "smtpguard.service", "smtpguard.socket"], tmp_path)
 
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_systemd_hears_ready_once_smtpguard_listens_and_a_sighup_then_reloads(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    """Started with ``$NOTIFY_SOCKET`` (``Type=notify``), twistd sends ``READY=1``
+    with its pid once its port accepts connections; a SIGHUP sent as soon as
+    systemd hears it (``systemctl reload`` right after the start) reloads the
+    configuration instead of ending the process; stopping says ``STOPPING=1``."""
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(30)
+    port = free_port()
+    config = tmp_path / "smtpguard.toml"
+    config.write_text(f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n\n[[scanners]]\ntype = "builtin"\n')
+    output = tmp_path / "smtpguard.log"
+    with output.open("wb") as log:
+        process = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "smtpguard", "--config", str(config), "--upstream", smtp_sink.endpoint],
+            cwd=tmp_path,
+            env={**environment(), "NOTIFY_SOCKET": str(notify_path)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    running = Running(process, output, port)
+    try:
+        ready = listener.recv(4096).decode("ascii")
+        assert ready == f"READY=1\nMAINPID={process.pid}"
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        process.send_signal(signal.SIGHUP)
+        wait_for_output(output, "configuration reloaded (generation 2)")
+        message, refused = send(port, "after the reload")
+        assert refused == {}
+        assert_relayed(smtp_sink, message)
+        process.send_signal(signal.SIGTERM)
+        assert listener.recv(4096) == b"STOPPING=1"
+        assert process.wait(30) == -signal.SIGTERM
+    finally:
+        listener.close()
+        running.stop()
+
+
+def test_notify_without_a_notify_socket_sends_nothing() -> None:
+    """Outside systemd (no ``$NOTIFY_SOCKET``) nothing is sent."""
+    assert notify("READY=1", {}) is False
+
+
+def test_notify_reaches_an_abstract_socket() -> None:
+    """``$NOTIFY_SOCKET`` starting with ``@`` names an abstract socket, as systemd
+    gives it."""
+    name = f"smtpguard-test-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        assert notify("READY=1", {"NOTIFY_SOCKET": "@" + name}) is True
+        assert listener.recv(100) == b"READY=1"

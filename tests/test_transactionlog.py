@@ -6,6 +6,7 @@ smtpguard`` writing JSON lines that twisted.logger reads back."""
 from __future__ import annotations
 
 import email
+import json
 import smtplib
 from pathlib import Path
 from typing import Any
@@ -428,8 +429,13 @@ def send(port: int, message: bytes, certificate: Certificate | None = None) -> t
 
 
 def lines(log: Path) -> list[dict[str, Any]]:
+    """The events in ``log``, read back by twisted.logger; each line is also one
+    plain JSON object (no record separator), as ``json.loads`` per line takes it."""
+    plain = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
     with log.open(encoding="utf-8") as handle:
-        return list(eventsFromJSONLogFile(handle))
+        events = list(eventsFromJSONLogFile(handle))
+    assert [event["transaction_id"] for event in plain] == [event["transaction_id"] for event in events]
+    return events
 
 
 def received_id(message: bytes) -> str:

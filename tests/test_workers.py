@@ -282,15 +282,28 @@ def ready_line(number: int) -> bytes:
 
 
 def test_reload_passes_sighup_to_every_worker_that_is_ready() -> None:
-    """reload() sends SIGHUP to each worker that said it is ready, and not to one
-    still starting (SIGHUP would kill it before its handler is in place)."""
+    """reload() sends SIGHUP to each worker that said it is ready; one still
+    starting (SIGHUP would kill it before its handler is in place, and it may
+    have read the file before the change) gets it as soon as it is ready."""
     reactor, supervisor, _ = running()
     reactor.process(1).protocol.childDataReceived(1, ready_line(1))
     supervisor.reload()
     assert [reactor.process(number).signals for number in (1, 2)] == [[1], []]
     reactor.process(2).protocol.childDataReceived(1, ready_line(2))
+    assert [reactor.process(number).signals for number in (1, 2)] == [[1], [1]]
     supervisor.reload()
-    assert [reactor.process(number).signals for number in (1, 2)] == [[1, 1], [1]]
+    assert [reactor.process(number).signals for number in (1, 2)] == [[1, 1], [1, 1]]
+
+
+def test_a_worker_ready_after_the_sighup_that_it_already_had_gets_no_other() -> None:
+    """A worker that was ready at the SIGHUP is not signalled again by a later
+    ready line; one started ready without a SIGHUP gets none."""
+    reactor, supervisor, _ = running()
+    for number in (1, 2):
+        reactor.process(number).protocol.childDataReceived(1, ready_line(number))
+    supervisor.reload()
+    reactor.process(1).protocol.childDataReceived(1, ready_line(1))
+    assert [reactor.process(number).signals for number in (1, 2)] == [[1], [1]]
 
 
 def test_stop_closes_the_sockets_and_waits_for_every_worker_after_sigterm() -> None:
