@@ -58,7 +58,9 @@ class Reply:
             if match is None:
                 raise ValueError(f"malformed reply line {raw!r}")
             code = int(match.group(1))
-            text = match.group(3).decode("utf-8", "replace")
+            # A peer's reply may be repeated to a client and logged: its control
+            # characters (ESC for a terminal, say) are written as visible escapes.
+            text = printable(match.group(3).decode("utf-8", "replace"))
             found = _ENHANCED.match(text)
             if found and (index == 0 or found.group(1) == enhanced):
                 enhanced = found.group(1)

@@ -155,3 +155,10 @@ def test_named_replies_have_matching_enhanced_class():
     for reply in named:
         if reply.enhanced:
             assert reply.enhanced[0] == str(reply.code)[0], reply
+
+
+def test_from_lines_writes_control_characters_as_visible_escapes():
+    """A peer's reply text reaches a client and the logs with ESC, BEL and NUL
+    written as escapes, never as the bytes."""
+    reply = Reply.from_lines([b"250-2.0.0 Ok \x1b[2J", b"250 2.0.0 queued\x07 as\x00 ABC"])
+    assert reply == Reply(250, "2.0.0", "Ok \\x1b[2J\nqueued\\x07 as\\x00 ABC")
