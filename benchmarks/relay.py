@@ -681,6 +681,27 @@ def table(
     return "\n".join(lines)
 
 
+def each_round(
+    cases: Sequence[Case],
+    configurations: Sequence[Configuration],
+    samples: dict[tuple[Configuration, Case], list[Sample]],
+) -> str:
+    """msgs/s of every configuration in every round, and each round's ratio of
+    smtpguard with clamd to ClamSMTP: the stalls of one round show here."""
+    lines = ["each round, msgs/s (and smtpguard clamd / ClamSMTP):"]
+    for case in cases:
+        lines.append(f"  {human_size(case.size)} x {case.sessions} sessions:")
+        for configuration in configurations:
+            runs = samples[(configuration, case)]
+            rates = " ".join(f"{case.messages / sample.seconds:8.1f}" for sample in runs)
+            lines.append(f"    {label(configuration):<18} {rates}")
+        if (GUARD_CLAMD, case) in samples and (CLAMSMTP, case) in samples:
+            pairs = zip(samples[(GUARD_CLAMD, case)], samples[(CLAMSMTP, case)], strict=True)
+            ratios = " ".join(f"{clamsmtp.seconds / guard.seconds:8.2f}" for guard, clamsmtp in pairs)
+            lines.append(f"    {'ratio':<18} {ratios}")
+    return "\n".join(lines)
+
+
 NOTES = """\
 seconds: median wall time of one smtp-source run over the rounds (min-max beside it).
 msgs/s, MB/s: from the median; MB/s counts payload bytes (smtp-source -l), 1 MB = 10^6 bytes.
@@ -856,6 +877,8 @@ def run(arguments: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
 
     print(table(cases, configurations, samples))
+    print()
+    print(each_round(cases, configurations, samples))
     print()
     print(NOTES)
     print()
