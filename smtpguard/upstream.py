@@ -289,12 +289,17 @@ class UpstreamSession:
         async def steps() -> Reply:
             if await self._ensure_connection():
                 try:
-                    return await self._mail(envelope)
+                    reply = await self._mail(envelope)
                 except (error.ConnectionDone, error.ConnectionLost):
-                    # The next hop closed the kept connection meanwhile: once
-                    # more, on a new one.
-                    self._drop()
-                    await self._ensure_connection()
+                    pass
+                else:
+                    if reply.code != 421:
+                        return reply
+                # The next hop closed the kept connection meanwhile, or closes it
+                # now (421: its idle time ran out as the MAIL came, as Postfix's
+                # smtpd says): once more, on a new one.
+                self._drop()
+                await self._ensure_connection()
             return await self._mail(envelope)
 
         return self._run(steps())

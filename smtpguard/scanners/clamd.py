@@ -19,7 +19,7 @@ from zope.interface import implementer
 from smtpguard.envelope import Envelope
 from smtpguard.interfaces import IClosable, IHealthReporting, IScanner
 from smtpguard.keptpool import Kept
-from smtpguard.results import ErrorKind, ScanResult, SizeLimit
+from smtpguard.results import ErrorKind, ScanResult, SizeLimit, Verdict
 from smtpguard.scanners import clamd_protocol as wire
 from smtpguard.scanners.clamd_session import Chunks, Received, Sender, SessionProtocol, kept_sessions
 from smtpguard.scanners.deadline import with_deadline
@@ -92,6 +92,7 @@ class InstreamProtocol(Sender):
         self._chunk_size = chunk_size
         self._reply = bytearray()
         self._producer: Chunks | None = None
+        self._early = False
         self.done: Deferred[Received] = Deferred(self._cancel)
 
     def connectionMade(self) -> None:
@@ -103,6 +104,8 @@ class InstreamProtocol(Sender):
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
+        if self._producer is None or not self._producer.finished:
+            self._early = True
         self._reply += data
         if len(self._reply) > wire.MAX_REPLY:
             self.give_up(f"reply longer than {wire.MAX_REPLY} bytes")
@@ -115,7 +118,7 @@ class InstreamProtocol(Sender):
     def connectionLost(self, reason: Failure = Failure(Exception("connection lost"))) -> None:
         if self._producer is not None:
             self._producer.stopProducing()
-        self._finish(Received(reply=bytes(self._reply)))
+        self._finish(Received(reply=bytes(self._reply), early=self._early))
 
     def _finish(self, received: Received) -> None:
         if not self.done.called:
@@ -278,7 +281,12 @@ class ClamdScanner:
             self._mark_down(state, "connection closed without a reply")
         if any(line.startswith("INSTREAM size limit exceeded") for line in reply.lines):
             state.refused_at = min(state.refused_at or message.size, message.size)
-        return wire.classify(reply, self.name)
+        result = wire.classify(reply, self.name)
+        if received.early and result.verdict is Verdict.CLEAN:
+            # clamd answers early only to refuse (its size limit): "OK" before the
+            # end of the stream says nothing of the rest of the message.
+            return self._failed(ErrorKind.OTHER, "clamd said OK before the whole message was sent")
+        return result
 
     def _failed(self, kind: ErrorKind, detail: str) -> ScanResult:
         return ScanResult.failed(kind, detail, self.name)

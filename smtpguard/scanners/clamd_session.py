@@ -27,6 +27,9 @@ class Received:
 
     reply: bytes = b""
     problem: str = ""
+    # clamd answered before the end of the stream was written: whatever it said,
+    # it did not say it of the whole message.
+    early: bool = False
 
 
 class Sender(Protocol):
@@ -105,6 +108,7 @@ class SessionProtocol(Sender):
         self._producer: Chunks | None = None
         self._done: Deferred[Received] | None = None
         self._ending = False
+        self._early = False
         self.connected_ = False
         # Told when the connection is gone (by the pool that keeps it idle).
         self.when_lost: Callable[[SessionProtocol], None] | None = None
@@ -126,6 +130,7 @@ class SessionProtocol(Sender):
         assert self.idle and self.transport is not None
         self.requests += 1
         self._reply.clear()
+        self._early = False
         self._done = Deferred(self._cancel)
         done = self._done
         self.transport.write(wire.INSTREAM)
@@ -152,6 +157,7 @@ class SessionProtocol(Sender):
         if self._producer.finished:
             self.transport.write(END)
         else:
+            self._early = True
             self._producer.stopProducing()  # clamd closes after an early answer (its size limit)
         return None
 
@@ -173,7 +179,7 @@ class SessionProtocol(Sender):
         self.connected_ = False
         if self._producer is not None:
             self._producer.stopProducing()
-        self._finish(Received(reply=_without_ids(bytes(self._reply), self.requests)))
+        self._finish(Received(reply=_without_ids(bytes(self._reply), self.requests), early=self._early))
         if self.when_lost is not None:
             self.when_lost(self)
         if not self.gone.called:
