@@ -113,6 +113,7 @@ async def test_clamds_read_timeout_on_a_kept_session_does_not_defer_the_next_mes
     second = await threads.deferToThread(send, port, body % (b"eicar", EICAR))
 
     assert first[1][0] == 250
-    assert second[1] == smtplib_reply(replies.VIRUS_REJECTED)
+    rejected = replies.VIRUS_REJECTED.with_text("Message rejected: virus found (Eicar-Signature)")
+    assert second[1] == smtplib_reply(rejected)
     assert connections == [2, 1]
     assert len(strict_hop.queued) == 1

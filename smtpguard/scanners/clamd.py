@@ -252,15 +252,16 @@ class ClamdScanner:
     async def _on_session(self, state: EndpointState, message: Message) -> Received | None:
         """The scan on a kept IDSESSION connection, or a new one; None if clamd could
         not be reached.  clamd may have ended a kept session just as the message
-        went out (a restart): closed with nothing said, the scan is made once more
-        on a new connection.  (A new connection that closes unanswered is an error:
+        went out (a restart; its idle timeout, saying "COMMAND READ TIMED OUT"):
+        closed with nothing said of this scan, it is made once more on a new
+        connection.  (A new connection that closes unanswered is an error:
         a message that brings clamd down is not sent to it again and again.)"""
         assert state.kept is not None
         kept = state.kept.take()
         state.scans += 1
         if kept is not None:
             received = await self._answer(state, kept.scan(message))
-            if received.reply or received.problem:
+            if (received.reply and not received.unasked) or received.problem:
                 state.kept.give(kept)
                 return received
         protocol = SessionProtocol(self._settings.chunk_size)

@@ -30,6 +30,9 @@ class Received:
     # clamd answered before the end of the stream was written: whatever it said,
     # it did not say it of the whole message.
     early: bool = False
+    # What clamd said carries no request number: not an answer to this scan but
+    # about the session (its idle timeout: "COMMAND READ TIMED OUT").
+    unasked: bool = False
 
 
 class Sender(Protocol):
@@ -179,7 +182,9 @@ class SessionProtocol(Sender):
         self.connected_ = False
         if self._producer is not None:
             self._producer.stopProducing()
-        self._finish(Received(reply=_without_ids(bytes(self._reply), self.requests), early=self._early))
+        reply = bytes(self._reply)
+        unasked = bool(reply) and not reply.startswith(b"%d: " % self.requests)
+        self._finish(Received(reply=_without_ids(reply, self.requests), early=self._early, unasked=unasked))
         if self.when_lost is not None:
             self.when_lost(self)
         if not self.gone.called:
