@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -275,3 +277,13 @@ def private_postfix() -> Iterator[PostfixInstances]:
     instances = PostfixInstances()
     yield instances
     instances.stop()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """GET ``path`` from the HTTP server on 127.0.0.1:``port`` (smtpguard's
+    metrics endpoint): its status and body, an error status included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=20) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()

@@ -10,8 +10,6 @@ import smtplib
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smtpguard.replies import MESSAGE_TOO_BIG
 from smtpguard.scanners import clamd_protocol as wire
-from tests.conftest import SmtpSink, free_port
+from tests.conftest import SmtpSink, free_port, http_get
 from tests.engines import Clamd
 from tests.test_reload_twistd import wait_for_line, wait_until
 from tests.test_twistd import LAUNCHERS, RECIPIENT, Starter
@@ -44,16 +42,8 @@ def write_config(
     )
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=20) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 def sample(port: int, name: str, **labels: str) -> float:
-    status, text = get(port, "/metrics")
+    status, text = http_get(port, "/metrics")
     assert status == 200
     values = [
         found.value
@@ -243,7 +233,7 @@ def test_readyz_asked_during_a_reload_does_not_report_the_scanner_down(
         write_config(config, port, metrics, smtp_sink.endpoint, scanner=clamd_scanner(f"tcp:127.0.0.1:{held.port}"))
         running = smtpguard(LAUNCHERS["twistd"], "--config", str(config), port=port)
         answers: list[tuple[int, str]] = []
-        probe = threading.Thread(target=lambda: answers.append(get(metrics, "/readyz")), daemon=True)
+        probe = threading.Thread(target=lambda: answers.append(http_get(metrics, "/readyz")), daemon=True)
         probe.start()
         assert held.pinged.wait(20)
 
@@ -256,7 +246,7 @@ def test_readyz_asked_during_a_reload_does_not_report_the_scanner_down(
         held.stop()
 
     assert answers == [(200, "ready\n")]
-    assert get(metrics, "/readyz") == (200, "ready\n")
+    assert http_get(metrics, "/readyz") == (200, "ready\n")
 
 
 def resident_kib(pid: int) -> int:
@@ -290,7 +280,7 @@ def test_pipelined_scrapes_that_are_never_read_do_not_grow_memory(
     config = tmp_path / "smtpguard.toml"
     write_config(config, port, metrics, smtp_sink.endpoint)
     running = smtpguard(LAUNCHERS["twistd"], "--config", str(config), port=port)
-    assert get(metrics, "/metrics")[0] == 200
+    assert http_get(metrics, "/metrics")[0] == 200
     before = settled_resident_kib(running.process.pid)
 
     requests = b"GET /metrics HTTP/1.1\r\nHost: guard.test\r\n\r\n" * 1000

@@ -5,8 +5,6 @@ them while clamd and the next hop come and go."""
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from twisted.internet.defer import Deferred
 
 from smtpguard import config as configuration
 from smtpguard import replies, tap
-from tests.conftest import SinkStarter, free_port
+from tests.conftest import SinkStarter, free_port, http_get
 from tests.engines import EICAR, EICAR_SIGNATURE, Clamd
 from tests.test_integration import attempt, in_thread, wire
 
@@ -42,14 +40,7 @@ class Guard:
         self.listener = LOOPBACK
 
     def get(self, path: str) -> Deferred[tuple[int, str]]:
-        def fetch() -> tuple[int, str]:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=20) as response:
-                    return response.status, response.read().decode()
-            except urllib.error.HTTPError as error:
-                return error.code, error.read().decode()
-
-        return in_thread(fetch)
+        return in_thread(lambda: http_get(self.http, path))
 
     async def scrape(self) -> Samples:
         status, text = await self.get("/metrics")

@@ -12,8 +12,6 @@ import re
 import signal
 import smtplib
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,7 +28,7 @@ from twisted.logger import eventsFromJSONLogFile
 from smtpguard.notifiers.outbox import Outbox
 from smtpguard.replies import SHUTTING_DOWN, Reply
 from smtpguard.testing import MemoryNextHop
-from tests.conftest import SmtpSink, free_port
+from tests.conftest import SmtpSink, free_port, http_get
 from tests.strict_hop import StrictHop
 from tests.test_twistd import LAUNCHERS, RECIPIENT, SENDER, Running, Starter, send
 from tests.test_twistd import smtpguard as smtpguard  # the fixture
@@ -240,14 +238,6 @@ def monitored(tmp_path: Path, smtpguard: Starter, smtp_sink: SmtpSink) -> tuple[
     return running, pids, metrics, log
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=20) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 def transactions(log: Path) -> list[dict[str, Any]]:
     with log.open(encoding="utf-8") as handle:
         return list(eventsFromJSONLogFile(handle))
@@ -274,7 +264,7 @@ def test_supervisor_serves_each_workers_metrics_and_writes_every_transaction_onc
     assert len(events) == 5
     assert sorted(event["smtpguard_worker"] for event in events) == [1, 1, 1, 2, 2]
     assert [event["action"] for event in events] == ["deliver"] * 5
-    status, text = get(metrics, "/metrics")
+    status, text = http_get(metrics, "/metrics")
     assert status == 200
     families = {family.name: family for family in text_string_to_metric_families(text)}
     messages = {
@@ -295,8 +285,8 @@ def test_supervisor_answers_healthz_and_readyz_for_its_workers(
     200 ok and /readyz 200 ready; no worker restarted for want of the metrics port."""
     running, pids, metrics, _ = monitored(tmp_path, smtpguard, smtp_sink)
 
-    assert get(metrics, "/healthz") == (200, "ok\n")
-    assert get(metrics, "/readyz") == (200, "ready\n")
+    assert http_get(metrics, "/healthz") == (200, "ok\n")
+    assert http_get(metrics, "/readyz") == (200, "ready\n")
     assert "address already in use" not in running.text()
     assert workers(running.text()) == pids
 
